@@ -1,0 +1,125 @@
+"""Paged-KV attention over a flat step: single-token decodes batched in one SDPA call, prompt chunks one
+SDPA call per sequence. All index tensors are built once per step (AttnMeta) and reused by every layer.
+
+KV cache of one layer: k_cache, v_cache [num_blocks * block_size, num_kv_heads, head_dim]; the context of
+a sequence lives at flat slots block_table[j // block_size] * block_size + j % block_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's share of a step: rows [row_start, row_start + num_new) of the flat batch hold
+    its tokens at positions [start_pos, start_pos + num_new)."""
+
+    row_start: int
+    num_new: int
+    start_pos: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    row_start: int
+    row_end: int
+    kv_idx: torch.Tensor | None  # [kv_len] flat KV slots of the whole context; None: no prefix, use k/v as is
+    mask: torch.Tensor | None  # [q_len, kv_len] bool, True = attend; None: plain causal
+
+
+@dataclass(frozen=True)
+class AttnMeta:
+    slot_mapping: torch.Tensor  # [T] flat KV slot written by each new token
+    decode_rows: torch.Tensor | None  # [B] rows of single-token sequences
+    decode_kv_idx: torch.Tensor | None  # [B, L] context slots of each, padded with 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool
+    prefills: list[PrefillSpan]
+
+
+def _context_slots(block_table: list[int], length: int, block_size: int) -> list[int]:
+    return [block_table[j // block_size] * block_size + j % block_size for j in range(length)]
+
+
+def build_attn_meta(
+    spans: list[SeqSpan], block_size: int, sliding_window: int | None, device: torch.device
+) -> AttnMeta:
+    slot_mapping: list[int] = []
+    for sp in spans:
+        ctx = _context_slots(sp.block_table, sp.start_pos + sp.num_new, block_size)
+        slot_mapping.extend(ctx[sp.start_pos :])
+    decodes = [sp for sp in spans if sp.num_new == 1]
+    decode_rows = decode_kv_idx = decode_mask = None
+    if decodes:
+        max_len = max(sp.start_pos + 1 for sp in decodes)
+        idx = torch.zeros(len(decodes), max_len, dtype=torch.int64)
+        mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
+        for b, sp in enumerate(decodes):
+            n = sp.start_pos + 1
+            idx[b, :n] = torch.tensor(_context_slots(sp.block_table, n, block_size))
+            lo = max(0, n - sliding_window) if sliding_window else 0
+            mask[b, lo:n] = True
+        decode_rows = torch.tensor([sp.row_start for sp in decodes], dtype=torch.int64, device=device)
+        decode_kv_idx = idx.to(device)
+        decode_mask = mask[:, None, None, :].to(device)
+    prefills = []
+    for sp in spans:
+        if sp.num_new == 1:
+            continue
+        kv_len = sp.start_pos + sp.num_new
+        window_applies = sliding_window is not None and kv_len > sliding_window
+        if sp.start_pos == 0 and not window_applies:
+            prefills.append(PrefillSpan(sp.row_start, sp.row_start + sp.num_new, None, None))
+            continue
+        q_pos = torch.arange(sp.start_pos, kv_len)[:, None]
+        k_pos = torch.arange(kv_len)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        kv_idx = torch.tensor(_context_slots(sp.block_table, kv_len, block_size), dtype=torch.int64)
+        prefills.append(PrefillSpan(sp.row_start, sp.row_start + sp.num_new, kv_idx.to(device), mask.to(device)))
+    return AttnMeta(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        decode_rows=decode_rows,
+        decode_kv_idx=decode_kv_idx,
+        decode_mask=decode_mask,
+        prefills=prefills,
+    )
+
+
+def attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+) -> torch.Tensor:
+    """Write this step's k/v into the cache, attend, return [T, num_heads * head_dim]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    t, num_heads, head_dim = q.shape
+    gqa = num_heads != k.shape[1]
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[meta.decode_kv_idx].transpose(1, 2)  # [B, KVH, L, D]
+        vd = v_cache[meta.decode_kv_idx].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
+        out.index_copy_(0, meta.decode_rows, od.squeeze(2))
+    for p in meta.prefills:
+        qp = q[p.row_start : p.row_end].transpose(0, 1)[None]  # [1, H, q_len, D]
+        if p.kv_idx is None:
+            kp, vp = k[p.row_start : p.row_end], v[p.row_start : p.row_end]
+        else:
+            kp, vp = k_cache[p.kv_idx], v_cache[p.kv_idx]
+        kp, vp = kp.transpose(0, 1)[None], vp.transpose(0, 1)[None]  # [1, KVH, kv_len, D]
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=gqa
+        )
+        out[p.row_start : p.row_end] = op[0].transpose(0, 1)
+    return out.view(t, num_heads * head_dim)

@@ -1,0 +1,260 @@
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3) over flat token batches with per-token LoRA.
+
+Architectures differ only by flags on ModelSpec: qkv bias (qwen2), q/k RMSNorm (qwen3), sliding window
+(mistral). Projections sharing an input are fused (q|k|v, gate|up) so base and LoRA each take one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..kernels import LoraMeta, lora_apply
+from .attention import AttnMeta, attention
+
+SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+# LoRA target module name -> (fused group, slice index within the group)
+LORA_TARGETS = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape and flags of a base model, derived once from its Hugging Face config."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qk_norm: bool
+    sliding_window: int | None
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> ModelSpec:
+        arch = cfg.model_type
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHS)}")
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {act!r} (only silu)")
+        window = getattr(cfg, "sliding_window", None)
+        if arch != "mistral" and not getattr(cfg, "use_sliding_window", False):
+            window = None  # qwen2/qwen3 configs carry a window they do not use unless use_sliding_window
+        elif arch != "mistral":
+            raise ModelLoadError(f"{arch} with use_sliding_window=True is not supported")
+        num_heads = cfg.num_attention_heads
+        return cls(
+            arch=arch,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads,
+            rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qk_norm=arch == "qwen3",
+            sliding_window=window,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Target module name -> (in_features, out_features) of its base Linear."""
+        q, kv, h, m = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, m),
+            "up_proj": (h, m),
+            "down_proj": (m, h),
+        }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as transformers (normalize in float32, cast, then scale).
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class LoraLinear(nn.Module):
+    """A frozen (possibly fused) Linear plus stacked LoRA slot buffers for each of its output slices.
+
+    lora_a: [num_slots, num_slices, r_max, in_features]; lora_b: [num_slots, out_total, r_max] (scaled).
+    """
+
+    def __init__(self, in_features: int, slice_sizes: list[int], bias: bool) -> None:
+        super().__init__()
+        out = sum(slice_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)  # [out, in]
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.slice_offsets = [0]
+        for s in slice_sizes:
+            self.slice_offsets.append(self.slice_offsets[-1] + s)
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+
+    def allocate_lora(self, num_slots: int, r_max: int) -> None:
+        w = self.weight
+        num_slices = len(self.slice_offsets) - 1
+        self.lora_a = torch.zeros(num_slots, num_slices, r_max, w.shape[1], dtype=w.dtype, device=w.device)
+        self.lora_b = torch.zeros(num_slots, w.shape[0], r_max, dtype=w.dtype, device=w.device)
+
+    def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [T, out_total]
+        if meta is not None and self.lora_a is not None:
+            lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+        super().__init__()
+        s = spec
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.spec = spec
+        self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias)
+        self.o = LoraLinear(q, [s.hidden_size], o_bias)
+        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size, s.intermediate_size], mlp_bias)
+        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias)
+        if s.qk_norm:
+            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, head_dim]
+        sin: torch.Tensor,  # [T, head_dim]
+        kv: tuple[torch.Tensor, torch.Tensor],  # each [num_kv_slots, num_kv_heads, head_dim]
+        attn: AttnMeta,
+        lora: LoraMeta | None,
+    ) -> torch.Tensor:
+        s = self.spec
+        t = x.shape[0]
+        h = self.input_norm(x)
+        qkv = self.qkv(h, lora)
+        q_end, k_end = self.qkv.slice_offsets[1], self.qkv.slice_offsets[2]
+        q = qkv[:, :q_end].view(t, s.num_heads, s.head_dim)
+        k = qkv[:, q_end:k_end].view(t, s.num_kv_heads, s.head_dim)
+        v = qkv[:, k_end:].view(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, kv[0], kv[1], attn)  # [T, num_heads * head_dim]
+        x = x + self.o(out, lora)
+        h = self.post_attn_norm(x)
+        gu = self.gate_up(h, lora)
+        m = s.intermediate_size
+        x = x + self.down(F.silu(gu[:, :m]) * gu[:, m:], lora)
+        return x
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face layout). x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and lm_head; forward over one flat step of tokens."""
+
+    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, attention_scaling: float, biases: dict[str, bool]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"]) for _ in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if not spec.tie_word_embeddings:
+            self.lm_head_weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+        self.inv_freq = inv_freq.float()  # [head_dim / 2]; a plain tensor so dtype casts never touch it
+        self.attention_scaling = attention_scaling
+        self.num_lora_slots = 0
+        self.lora_r_max = 0
+
+    @property
+    def lm_head(self) -> torch.Tensor:  # [vocab, hidden]
+        return self.embed.weight if self.spec.tie_word_embeddings else self.lm_head_weight
+
+    def allocate_lora_slots(self, num_slots: int, r_max: int) -> None:
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                lin.allocate_lora(num_slots, r_max)
+        self.num_lora_slots, self.lora_r_max = num_slots, r_max
+
+    def lora_linear(self, layer: int, module: str) -> tuple[LoraLinear, int]:
+        group, index = LORA_TARGETS[module]
+        return getattr(self.layers[layer], group), index
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]  # [T, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttnMeta,
+        lora: LoraMeta | None,
+        logits_idx: torch.Tensor,  # [num_seqs_needing_logits] token rows whose next-token logits we want
+    ) -> torch.Tensor:
+        x = self.embed(token_ids)  # [T, hidden]
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv, attn, lora)
+        x = self.norm(x.index_select(0, logits_idx))
+        return F.linear(x, self.lm_head).float()  # [num_seqs, vocab]
+
+
+def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy one adapter into device slot `slot` of every layer (zeroing what it does not target).
+
+    weights: (layer, module) -> (A [r, in], B [out, r] scaled). Ranks below r_max stay zero-padded.
+    """
+    for layer in model.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            lin.lora_a[slot].zero_()
+            lin.lora_b[slot].zero_()
+    for (layer_idx, module), (a, b) in weights.items():
+        lin, i = model.lora_linear(layer_idx, module)
+        r = a.shape[0]
+        lin.lora_a[slot, i, :r].copy_(a)
+        lin.lora_b[slot, lin.slice_offsets[i] : lin.slice_offsets[i + 1], :r].copy_(b)

@@ -1,0 +1,73 @@
+"""Per-step LoRA metadata: built once per step, passed explicitly to every LoRA-aware linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraMeta:
+    """Tokens of one step grouped by adapter device slot.
+
+    Running example: token_slot = [2, -1, 0, 2, 0]
+      sorted_idx = [2, 4, 0, 3]      tokens with a slot, stably sorted by slot
+      slot_ids   = [0, 2]            distinct active slots, ascending
+      seg_starts = [0, 2, 4]         segment i is sorted_idx[seg_starts[i]:seg_starts[i + 1]]
+    Tokens with slot -1 get no LoRA delta and appear in no segment.
+    """
+
+    token_slot: torch.Tensor  # [num_tokens] int64, -1 = base model only
+    sorted_idx: torch.Tensor  # [num_lora_tokens] int64
+    slot_ids: torch.Tensor  # [num_active] int64
+    seg_starts: torch.Tensor  # [num_active + 1] int64
+    slot_ids_list: list[int]  # host copies, so the CPU path never syncs
+    seg_starts_list: list[int]
+    slot_ranks_list: list[int]  # true rank of each active slot (<= r_max); lets the CPU path skip padding
+    num_tokens: int
+    max_seg_len: int
+    is_single_full: bool  # one slot covers every token in order: no gather/scatter needed
+
+    @property
+    def num_active(self) -> int:
+        return len(self.slot_ids_list)
+
+
+def build_lora_meta(
+    token_slot: list[int], slot_ranks: list[int] | None, device: torch.device | str = "cpu"
+) -> LoraMeta | None:
+    """Group a step's tokens by slot. `slot_ranks[s]` is the rank loaded in slot s (None: unknown).
+
+    Returns None when no token uses an adapter (the whole step is base-only).
+    """
+    order = sorted((s, t) for t, s in enumerate(token_slot) if s >= 0)
+    if not order:
+        return None
+    sorted_idx = [t for _, t in order]
+    slot_ids: list[int] = []
+    seg_starts: list[int] = []
+    for i, (s, _) in enumerate(order):
+        if not slot_ids or slot_ids[-1] != s:
+            slot_ids.append(s)
+            seg_starts.append(i)
+    seg_starts.append(len(order))
+    max_seg = max(b - a for a, b in zip(seg_starts, seg_starts[1:], strict=False))
+    ranks = [slot_ranks[s] if slot_ranks is not None else -1 for s in slot_ids]
+    is_single_full = len(slot_ids) == 1 and len(order) == len(token_slot)
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return LoraMeta(
+        token_slot=as_tensor(list(token_slot)),
+        sorted_idx=as_tensor(sorted_idx),
+        slot_ids=as_tensor(slot_ids),
+        seg_starts=as_tensor(seg_starts),
+        slot_ids_list=slot_ids,
+        seg_starts_list=seg_starts,
+        slot_ranks_list=ranks,
+        num_tokens=len(token_slot),
+        max_seg_len=max_seg,
+        is_single_full=is_single_full,
+    )

@@ -1,0 +1,75 @@
+"""One mixed batch of many adapters (and base-only requests) equals transformers + PEFT run one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, save_tiny_model
+
+from loraplex.config import Config
+from loraplex.engine.engine import Engine
+from loraplex.engine.runner import StepSeq
+from loraplex.scheduler.request import SamplingParams
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_setup(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    base = save_tiny_model(root / "base", arch, seed=ARCHS.index(arch))
+    adapters = {
+        name: save_peft_adapter(base, root / name, r, alpha, targets, rs, seed=100 + i)
+        for i, (name, r, alpha, targets, rs) in enumerate(ADAPTERS)
+    }
+    return arch, base, adapters
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    lengths = [3, 17, 1, 40, 9, 25, 6, 33, 12, 2]
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_mixed_batch_matches_transformers_peft(arch_setup):
+    arch, base, adapters = arch_setup
+    engine = Engine(
+        Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32", max_lora_rank=16)
+    )
+    names = list(adapters)
+    prompts = _prompts(384)
+    # every adapter at least once, plus base-only requests (None) and the base model by its own name
+    which = [*names, None, engine.model_name, names[2]]
+    results = engine.generate(prompts, which, SamplingParams(max_tokens=MAX_NEW))
+    for prompt, adapter, res in zip(prompts, which, results, strict=True):
+        adapter_dir = adapters.get(adapter) if adapter in adapters else None
+        ref, margin = reference_greedy(base, adapter_dir, prompt, MAX_NEW)
+        assert margin > 1e-3, f"{arch}/{adapter}: near-tied reference logits; pick another seed"
+        assert res.token_ids == ref, f"{arch} adapter={adapter} prompt_len={len(prompt)}"
+        assert res.finish_reason == "length"
+        if adapter_dir is not None:  # the adapter really changes this request (so equality means something)
+            assert ref != reference_greedy(base, None, prompt, MAX_NEW)[0] or adapter in ("ko1",), adapter
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every KV block came back
+
+
+def test_prompt_logits_close_to_peft(arch_setup):
+    """Logits, not only argmax: the last prompt position of a LoRA request, all adapters in one step."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    arch, base, adapters = arch_setup
+    engine = Engine(
+        Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32", max_lora_rank=16)
+    )
+    prompts = _prompts(384)[: len(adapters)]
+    step = []
+    for prompt, name in zip(prompts, adapters, strict=True):
+        blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(prompt), 0))
+        step.append(StepSeq(prompt, 0, blocks, engine.slot_of(name), True))
+    logits = engine.runner.run(step)
+    for i, (prompt, name) in enumerate(zip(prompts, adapters, strict=True)):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapters[name])
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, atol=2e-4, rtol=1e-4, msg=f"{arch}/{name}")

@@ -1,0 +1,101 @@
+"""Tiny random models of every supported architecture and real PEFT adapters for them (test helpers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+COMMON = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    # A wide init spreads the logits, so greedy top-2 margins are clear of float32 rounding.
+    initializer_range=0.15,
+)
+# (name, rank, alpha, target_modules, use_rslora): different ranks and target sets
+ADAPTERS = [
+    ("qv8", 8, 16, ["q_proj", "v_proj"], False),
+    ("attn4", 4, 8, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
+    ("all16", 16, 32, "all-linear", False),
+    ("mlp2", 2, 4, ["gate_proj", "up_proj", "down_proj"], False),
+    ("kdown12", 12, 6, ["k_proj", "down_proj"], True),
+    ("ko1", 1, 2, ["o_proj"], False),
+    ("all8rs", 8, 16, "all-linear", True),
+]
+
+
+def make_config(arch: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    kw = dict(COMMON)
+    if arch == "llama":
+        kw["tie_word_embeddings"] = False
+    if arch == "mistral":
+        kw["sliding_window"] = None
+    if arch in ("qwen2", "qwen3"):
+        kw["tie_word_embeddings"] = True
+    if arch == "qwen3":
+        kw["head_dim"] = 32  # qwen3 decouples head_dim from hidden / heads
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def save_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch, **overrides)).eval()
+    if arch == "qwen2":  # random biases so the qkv-bias path is exercised (init leaves them at zero)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def save_peft_adapter(base_dir: Path, out: Path, rank: int, alpha: float, targets, use_rslora: bool, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora, init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():  # PEFT's init_lora_weights=False B is small; scale it so adapters change the argmax
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def reference_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new: int):
+    """transformers (+ PEFT) greedy generation of one request alone: (tokens, min top-2 logit margin)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values  # [steps, 2]
+    margin = float((top2[:, 0] - top2[:, 1]).min())
+    return out.sequences[0, len(prompt) :].tolist(), margin
