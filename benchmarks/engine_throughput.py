@@ -1,0 +1,135 @@
+"""Decode throughput of the engine on the default model: base-only vs 1 / 8 / 32 distinct adapters, at
+batch 1 / 8 / 32, next to transformers `generate` on the same prompts. Prints a table, writes JSON.
+
+    python benchmarks/engine_throughput.py [--dtype bfloat16] [--new-tokens 32] [--out benchmarks/out/engine_throughput.json]
+
+Decode tok/s counts only pure decode steps (one token per sequence), timed by the engine's step log.
+"bound" is the memory-traffic bound of the row: bytes of base weights / (base + distinct adapters' weights)
+read per decode step, relative to base-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex.adapter_cache.demo import ALL_LINEAR_MODULES, DemoAdapterSpec, LinearShapes, write_lora_adapter
+from loraplex.config import Config
+from loraplex.engine.engine import Engine
+from loraplex.engine.loader import resolve_model_dir
+from loraplex.scheduler.request import SamplingParams
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--adapters", default="0,1,8,32", help="distinct adapter counts (0 = base only)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--out", default="benchmarks/out/engine_throughput.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    batches = [int(x) for x in args.batches.split(",")]
+    counts = [int(x) for x in args.adapters.split(",")]
+    model_dir = resolve_model_dir(None)
+    shapes = LinearShapes.from_model_dir(model_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    n_ad = max(counts)
+    adapters = []
+    for i in range(n_ad):
+        spec = DemoAdapterSpec(f"bench{i}", r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR_MODULES, seed=i, b_std=0.002)
+        adapters.append((spec.name, str(write_lora_adapter(tmp / spec.name, spec, shapes, str(model_dir)))))
+    engine = Engine(
+        Config(adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1), max_num_seqs=max(batches))
+    )
+    base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    adapter_bytes = next(iter(engine.adapters.values())).num_bytes if engine.adapters else 0
+    prompt_ids = engine.encode(PROMPT)
+    rows = []
+    for batch in batches:
+        base_tps = None
+        for k in counts:
+            if k > batch:
+                continue
+            names = [None] * batch if k == 0 else [adapters[i % k][0] for i in range(batch)]
+
+            params = SamplingParams(max_tokens=1 + args.new_tokens, ignore_eos=True)
+            engine.generate([prompt_ids] * batch, names, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+            rates = []
+            for _ in range(args.repeats):
+                engine.step_log = []
+                engine.generate([prompt_ids] * batch, names, params)
+                decode = [(n, sec) for n, seqs, sec in engine.step_log if n == seqs]
+                rates.append(sum(n for n, _ in decode) / sum(sec for _, sec in decode))
+            engine.step_log = None
+            tps = median(rates)
+            base_tps = tps if k == 0 else base_tps
+            bound = base_bytes / (base_bytes + k * adapter_bytes)
+            kept = tps / base_tps if base_tps else None
+            rows.append(dict(engine="loraplex", batch=batch, adapters=k, tok_s=tps, kept=kept, bound=bound, kept_vs_bound=None if kept is None else kept / bound))
+            print(f"loraplex  batch={batch:3d} adapters={k:3d} {tps:8.1f} tok/s  kept={kept if kept is None else round(kept, 3)}  bound={bound:.3f}", flush=True)
+        if not args.skip_transformers and batch in (1, 8):
+            tps = transformers_decode_tps(model_dir, args.dtype, prompt_ids, batch, args.new_tokens, args.repeats)
+            rows.append(dict(engine="transformers", batch=batch, adapters=0, tok_s=tps, kept=None, bound=1.0, kept_vs_bound=None))
+            print(f"transformers batch={batch:3d} base {tps:8.1f} tok/s", flush=True)
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        machine=platform.processor() or platform.machine(),
+        cpus=torch.get_num_threads(),
+        torch=torch.__version__,
+        dtype=args.dtype,
+        rank=args.rank,
+        new_tokens=args.new_tokens,
+        prompt_tokens=len(prompt_ids),
+        base_bytes=base_bytes,
+        adapter_bytes=adapter_bytes,
+    )
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {out}")
+
+
+def transformers_decode_tps(model_dir: Path, dtype: str, prompt_ids: list[int], batch: int, new_tokens: int, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor([prompt_ids] * batch)
+
+    def run(max_tokens: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    run(2)
+    # prefill + 1 token timed separately and subtracted, so both engines report decode-only rates
+    rates = [batch * new_tokens / max(1e-9, run(1 + new_tokens) - run(1)) for _ in range(repeats)]
+    return median(rates)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'engine':13s} {'batch':>5s} {'adapters':>8s} {'tok/s':>9s} {'kept':>6s} {'bound':>6s} {'kept/bound':>10s}")
+    for r in rows:
+        kept = "" if r["kept"] is None else f"{r['kept']:.2f}"
+        kb = "" if r["kept_vs_bound"] is None else f"{r['kept_vs_bound']:.2f}"
+        print(f"{r['engine']:13s} {r['batch']:5d} {r['adapters']:8d} {r['tok_s']:9.1f} {kept:>6s} {r['bound']:6.3f} {kb:>10s}")
+
+
+if __name__ == "__main__":
+    main()

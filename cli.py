@@ -1,0 +1,126 @@
+"""`loraplex` command line: generate, demo-adapters (serve arrives with the HTTP server).
+
+Every engine flag also reads a LORAPLEX_* environment variable (flag wins), e.g. LORAPLEX_MODEL,
+LORAPLEX_DTYPE, LORAPLEX_MAX_LORA_RANK; LORAPLEX_ADAPTERS takes NAME=SOURCE pairs separated by commas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, parse_adapter_flag
+from .errors import LoraplexError
+
+
+def _env(name: str, default=None, cast=str):
+    value = os.environ.get(f"LORAPLEX_{name}")
+    return default if value in (None, "") else cast(value)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine (generate, serve, bench)."""
+    d = Config()
+    p.add_argument("--model", default=_env("MODEL"), help="local HF model dir or Hub id org/name[@rev]; default: embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="NAME=SOURCE",
+        help="a PEFT LoRA adapter directory, repeatable (env LORAPLEX_ADAPTERS: comma-separated)",
+    )
+    p.add_argument("--dtype", default=_env("DTYPE", d.dtype), choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=_env("DEVICE", d.device), help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-lora-rank", type=int, default=_env("MAX_LORA_RANK", d.max_lora_rank, int))
+    p.add_argument("--max-active-adapters", type=int, default=_env("MAX_ACTIVE_ADAPTERS", d.max_active_adapters, int))
+    p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", d.max_num_seqs, int))
+    p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB", d.kv_cache_gib, float))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    raw = args.adapter if args.adapter is not None else [a for a in _env("ADAPTERS", "").split(",") if a]
+    return Config(
+        model=args.model,
+        adapters=tuple(parse_adapter_flag(a) for a in raw),
+        dtype=args.dtype,
+        device=args.device,
+        max_lora_rank=args.max_lora_rank,
+        max_active_adapters=args.max_active_adapters,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.engine import Engine
+    from .scheduler.request import SamplingParams
+
+    config = config_from_args(args)
+    names = [n for n, _ in config.adapters]
+    if args.use is not None and args.use not in names:
+        raise SystemExit(f"--use {args.use!r} names no --adapter (given: {names})")
+    adapter = args.use if args.use is not None else (names[0] if len(names) == 1 else None)
+    if adapter is None and len(names) > 1:
+        raise SystemExit(f"several adapters given {names}: pick one with --use NAME")
+    engine = Engine(config)
+    prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    (result,) = engine.generate([prompt], [adapter], params)
+    sys.stdout.write((result.text or "") + "\n")
+    return 0
+
+
+def cmd_demo_adapters(args: argparse.Namespace) -> int:
+    from .adapter_cache.demo import write_demo_adapters
+    from .engine.loader import resolve_model_dir
+
+    paths = write_demo_adapters(Path(args.dir), resolve_model_dir(args.model))
+    for p in paths:
+        print(f"{p.name}={p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Many LoRA adapters on one base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline for one prompt (prints only the text)")
+    add_engine_args(g)
+    g.add_argument("--use", default=None, help="which --adapter to use (default: the single one given; none: base)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string, repeatable")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo-adapters", help="write a few seeded PEFT adapters for the (default) model into DIR")
+    d.add_argument("dir")
+    d.add_argument("--model", default=_env("MODEL"))
+    d.set_defaults(func=cmd_demo_adapters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraplexError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

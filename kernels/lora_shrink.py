@@ -1,0 +1,167 @@
+"""Triton LoRA shrink: project every LoRA token onto its own adapter's A, for all slices of a fused linear.
+
+Math, as a loop (token_slot[t] = -1 tokens are skipped; their h rows are left as they were):
+    for t in range(num_tokens):
+        s = token_slot[t]
+        if s < 0:
+            continue
+        for i in range(num_slices):
+            h[t, i, :] = x[t].float() @ lora_a[s, i].float().T        # [r_max], fp32
+
+Work split: tokens come grouped by slot (meta.sorted_idx, one segment per active slot), so one program
+handles BLOCK_M tokens of one segment against one (slice, rank block) of that segment's A; the A tile is
+read once per BLOCK_M tokens instead of once per token. The reduction over in_features runs in one fixed
+order whatever the batch holds, so a token's h is bit-identical across batch compositions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .meta import LoraMeta
+
+# Fixed block sizes: they must not depend on the batch (batch-composition invariance), and every
+# tl.dot dimension stays >= 16 (GPUs reject smaller dot blocks; the interpreter would not notice).
+_BLOCK_M = 16  # tokens per program
+_BLOCK_K = 64  # in_features per loop step
+_MAX_BLOCK_R = 64  # rank per program (r_max above this uses several rank blocks)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,  # [num_tokens, in_features]
+    a_ptr,  # [num_slots, num_slices, r_max, in_features]
+    h_ptr,  # [num_tokens, num_slices, r_max] fp32
+    sorted_idx_ptr,  # [num_lora_tokens] int64, token ids grouped by slot
+    slot_ids_ptr,  # [num_active] int64
+    seg_starts_ptr,  # [num_active + 1] int64
+    in_features,
+    r_max,
+    num_r_blocks,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ai,
+    stride_ar,
+    stride_ak,
+    stride_ht,
+    stride_hi,
+    stride_hr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_seg = tl.program_id(0)  # which active slot
+    pid_m = tl.program_id(1)  # which block of that slot's tokens
+    pid_ir = tl.program_id(2)  # which (slice, rank block)
+    slice_idx = pid_ir // num_r_blocks
+    r_block = pid_ir % num_r_blocks
+
+    seg_start = tl.load(seg_starts_ptr + pid_seg)
+    seg_end = tl.load(seg_starts_ptr + pid_seg + 1)
+    m_start = seg_start + pid_m * BLOCK_M
+    # Segments are shorter than the grid's longest one: programs past their segment's end do nothing.
+    if m_start < seg_end:
+        slot = tl.load(slot_ids_ptr + pid_seg)  # int64: offsets below are computed in 64 bits
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_end
+        tok = tl.load(sorted_idx_ptr + offs_m, mask=mask_m, other=0)  # [BLOCK_M] int64
+        offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < r_max
+        offs_k = tl.arange(0, BLOCK_K)
+
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+        a_ptrs = (
+            a_ptr
+            + slot * stride_as
+            + slice_idx * stride_ai
+            + offs_r[None, :] * stride_ar
+            + offs_k[:, None] * stride_ak
+        )  # [BLOCK_K, BLOCK_R]: A[slot, slice].T
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, tl.cdiv(in_features, BLOCK_K)):
+            k_left = in_features - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            a_tile = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+            # Upcast before the dot: exact for fp16/bf16, and the interpreter gets bf16 dots wrong.
+            acc = tl.dot(x_tile.to(tl.float32), a_tile.to(tl.float32), acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+
+        h_ptrs = h_ptr + tok[:, None] * stride_ht + slice_idx * stride_hi + offs_r[None, :] * stride_hr
+        tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+def _rank_block(r_max: int) -> int:
+    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r_max)))
+
+
+def lora_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """h[t, i] = x[t] @ lora_a[slot[t], i].T for every token with a slot, accumulated in fp32.
+
+    x:      [num_tokens, in_features] float32/float16/bfloat16, last dim contiguous
+    lora_a: [num_slots, num_slices, r_max, in_features], same dtype as x, last dim contiguous
+    meta:   its tensors on x's device
+    out:    optional [num_tokens, num_slices, r_max] float32 to write into
+    Returns h [num_tokens, num_slices, r_max] float32. Rows of slot -1 tokens are not written
+    (uninitialized when `out` is None); lora_expand skips those tokens too.
+    """
+    if x.dim() != 2 or lora_a.dim() != 4:
+        raise ValueError(
+            f"want x [T, in] and lora_a [slots, slices, r, in], got {tuple(x.shape)}, {tuple(lora_a.shape)}"
+        )
+    num_tokens, in_features = x.shape
+    _, num_slices, r_max, a_in = lora_a.shape
+    if a_in != in_features:
+        raise ValueError(f"lora_a in_features {a_in} != x in_features {in_features}")
+    if num_tokens != meta.num_tokens:
+        raise ValueError(f"x has {num_tokens} tokens, meta has {meta.num_tokens}")
+    if x.dtype not in _DTYPES or lora_a.dtype != x.dtype:
+        raise TypeError(f"want x and lora_a of one dtype in {_DTYPES}, got {x.dtype}, {lora_a.dtype}")
+    if x.stride(-1) != 1 or lora_a.stride(-1) != 1:
+        raise ValueError("x and lora_a need a contiguous last dim")
+    if lora_a.device != x.device or meta.sorted_idx.device != x.device:
+        raise ValueError("x, lora_a and meta must be on one device")
+    if out is None:
+        out = torch.empty(num_tokens, num_slices, r_max, dtype=torch.float32, device=x.device)
+    elif out.shape != (num_tokens, num_slices, r_max) or out.dtype != torch.float32 or out.device != x.device:
+        raise ValueError(f"out must be float32 [{num_tokens}, {num_slices}, {r_max}] on {x.device}")
+    if meta.num_active == 0 or num_tokens == 0:
+        return out
+
+    block_r = _rank_block(r_max)
+    num_r_blocks = triton.cdiv(r_max, block_r)
+    grid = (meta.num_active, triton.cdiv(meta.max_seg_len, _BLOCK_M), num_slices * num_r_blocks)
+    _lora_shrink_kernel[grid](
+        x,
+        lora_a,
+        out,
+        meta.sorted_idx,
+        meta.slot_ids,
+        meta.seg_starts,
+        in_features,
+        r_max,
+        num_r_blocks,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        lora_a.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_R=block_r,
+        BLOCK_K=_BLOCK_K,
+        # fp16/bf16 values are exact in tf32, so tensor cores lose nothing; fp32 inputs need full fp32.
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out
