@@ -35,6 +35,7 @@ def bench_one(
     phase: str, num_seqs: int, seq_len: int, num_adapters: int, rank: int, dtype: torch.dtype, weights: dict
 ) -> dict:
     import triton.testing
+
     from loraplex.kernels import build_lora_meta, lora_apply_ref
     from loraplex.kernels.lora_expand import lora_expand
     from loraplex.kernels.lora_shrink import lora_shrink

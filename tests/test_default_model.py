@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from loraplex.engine import default_model
 from loraplex.engine.default_model import (
     DEFAULT_MODEL_NAME,

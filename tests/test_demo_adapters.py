@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from loraplex.adapter_cache.demo import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -17,7 +19,6 @@ from loraplex.adapter_cache.demo import (
     module_prefix,
     write_demo_adapters,
 )
-from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

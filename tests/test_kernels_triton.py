@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from loraplex.kernels import build_lora_meta, lora_apply, lora_apply_ref
 from loraplex.kernels.lora_expand import lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, save_tiny_model
+
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.engine.runner import StepSeq
 from loraplex.scheduler.request import SamplingParams
-from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, save_tiny_model
 
 MAX_NEW = 12
 
