@@ -126,7 +126,10 @@ class LoraLinear(nn.Module):
         w = self.weight
         num_slices = len(self.slice_offsets) - 1
         self.lora_a = torch.zeros(num_slots, num_slices, r_max, w.shape[1], dtype=w.dtype, device=w.device)
-        self.lora_b = torch.zeros(num_slots, w.shape[0], r_max, dtype=w.dtype, device=w.device)
+        # B is stored [out_total, num_slots, r_max] and exposed as the [num_slots, out_total, r_max] view: then
+        # any contiguous range of slots of one output slice is a plain 2-D matrix (the CPU dense path).
+        b = torch.zeros(w.shape[0], num_slots, r_max, dtype=w.dtype, device=w.device)
+        self.lora_b = b.transpose(0, 1)
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # [T, out_total]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,23 @@ class LoraMeta:
     num_tokens: int
     max_seg_len: int
     is_single_full: bool  # one slot covers every token in order: no gather/scatter needed
+    _onehot_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_active(self) -> int:
         return len(self.slot_ids_list)
+
+    @property
+    def num_lora_tokens(self) -> int:
+        return self.seg_starts_list[-1]
+
+    def slot_onehot(self, lo: int, span: int, dtype: torch.dtype) -> torch.Tensor:
+        """[num_tokens, span] mask, 1 where token t uses slot lo + j; built once per step and dtype."""
+        key = (lo, span, dtype)
+        if key not in self._onehot_cache:
+            slots = torch.arange(lo, lo + span, device=self.token_slot.device)
+            self._onehot_cache[key] = (self.token_slot[:, None] == slots[None, :]).to(dtype)
+        return self._onehot_cache[key]
 
 
 def build_lora_meta(

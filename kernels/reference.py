@@ -14,6 +14,7 @@ Math, as a loop over tokens t with slot s = token_slot[t] >= 0 and slice i:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .meta import LoraMeta
 
@@ -46,6 +47,12 @@ def lora_expand_ref(
         y.index_add_(0, idx, delta.to(y.dtype))
 
 
+# Cost model of the CPU path (2-core x86 figures): a small matmul costs ~20 us of fixed overhead, and
+# multiply-adds run at ~1e11 flop/s. Used only to choose between two exact ways of computing the same sum.
+_CALL_SECONDS = 20e-6
+_FLOPS_PER_SECOND = 1e11
+
+
 def lora_apply_ref(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -54,30 +61,63 @@ def lora_apply_ref(
     slice_offsets: list[int],
     meta: LoraMeta,
 ) -> None:
-    """Shrink + expand fused for the CPU path: one matmul pair per distinct slot (and slice), never per token.
+    """Shrink + expand for the CPU path, in x's dtype (like PEFT's own forward). y += delta in place.
 
-    Works in x's dtype (like PEFT's own forward) and skips rank padding using meta.slot_ranks_list.
-    y: [num_tokens, out_total] (added in place); x: [num_tokens, in_features].
+    Two exact strategies; the cheaper one under the cost model above is taken:
+    - grouped: one matmul pair per distinct slot (per slice for the expand), skipping rank padding;
+    - dense: when many slots are active in a short step, every token is multiplied by all slots of the
+      contiguous slot range [lo, hi] in one matmul, the rows of other slots are zeroed by a one-hot mask,
+      and each slice's expand is one matmul over the range: a few large calls instead of many tiny ones.
+    y: [num_tokens, out_total]; x: [num_tokens, in_features].
     """
-    num_slices = lora_a.shape[1]
+    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
+    lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
+    span = hi - lo + 1
+    b_phys = lora_b.transpose(0, 1)  # [out_total, num_slots, r_max]
+    if meta.num_active > 1 and b_phys.is_contiguous():
+        grouped_calls = meta.num_active * (1 + num_slices) + 2
+        dense_calls = 2 + 2 * num_slices
+        wasted = 2 * (meta.num_tokens * span - meta.num_lora_tokens) * r_max * (num_slices * in_f + y.shape[1])
+        if (grouped_calls - dense_calls) * _CALL_SECONDS > wasted / _FLOPS_PER_SECOND:
+            _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo, span)
+            return
+    _apply_grouped(y, x, lora_a, lora_b, slice_offsets, meta)
+
+
+def _shrink_one(x: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
+    """x [n, in] @ a[:, :rank]^T for every slice of one slot's a [num_slices, r_max, in] -> [n, num_slices * rank]."""
+    num_slices, r_max, in_f = a.shape
+    rank = rank if 0 < rank <= r_max else r_max
+    flat = a.view(num_slices * r_max, in_f) if rank == r_max else a[:, :rank].reshape(num_slices * rank, in_f)
+    return F.linear(x, flat)
+
+
+def _apply_grouped(y, x, lora_a, lora_b, slice_offsets, meta) -> None:
     slices = list(zip(slice_offsets, slice_offsets[1:], strict=False))
-    if meta.is_single_full:
+    if meta.is_single_full:  # one adapter for the whole step: no gather / scatter
         slot, rank = meta.slot_ids_list[0], meta.slot_ranks_list[0]
-        rank = rank if rank > 0 else lora_a.shape[2]
-        h = torch.matmul(x, lora_a[slot, :, :rank].transpose(-1, -2))  # [num_slices, T, rank]
+        h = _shrink_one(x, lora_a[slot], rank)  # [T, num_slices * rank]
+        rank = h.shape[1] // len(slices)
         for j, (lo, hi) in enumerate(slices):
-            y[:, lo:hi].addmm_(h[j], lora_b[slot, lo:hi, :rank].T)
+            y[:, lo:hi].addmm_(h[:, j * rank : (j + 1) * rank], lora_b[slot, lo:hi, :rank].T)
         return
     xs = x.index_select(0, meta.sorted_idx)  # [num_lora_tokens, in]
-    delta = torch.empty(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+    delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
     for i, slot in enumerate(meta.slot_ids_list):
         a, b = meta.seg_starts_list[i], meta.seg_starts_list[i + 1]
-        rank = meta.slot_ranks_list[i]
-        rank = rank if rank > 0 else lora_a.shape[2]
-        h = torch.matmul(xs[a:b], lora_a[slot, :, :rank].transpose(-1, -2))  # [num_slices, n, rank]
-        if num_slices == 1:
-            torch.mm(h[0], lora_b[slot, :, :rank].T, out=delta[a:b])
-        else:
-            for j, (lo, hi) in enumerate(slices):
-                delta[a:b, lo:hi] = h[j] @ lora_b[slot, lo:hi, :rank].T
+        h = _shrink_one(xs[a:b], lora_a[slot], meta.slot_ranks_list[i])
+        rank = h.shape[1] // len(slices)
+        for j, (lo, hi) in enumerate(slices):
+            delta[a:b, lo:hi].addmm_(h[:, j * rank : (j + 1) * rank], lora_b[slot, lo:hi, :rank].T)
     y.index_add_(0, meta.sorted_idx, delta)
+
+
+def _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo: int, span: int) -> None:
+    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
+    t = x.shape[0]
+    a_range = lora_a[lo : lo + span].view(span * num_slices * r_max, in_f)  # contiguous slots lo..hi
+    h = F.linear(x, a_range).view(t, span, num_slices, r_max)
+    h = h * meta.slot_onehot(lo, span, h.dtype)[:, :, None, None]  # keep each token's own slot only
+    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
+        b_range = b_phys[c0:c1, lo : lo + span].reshape(c1 - c0, span * r_max)  # a view: rows stride S * r_max
+        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, span * r_max), b_range.T)
