@@ -62,25 +62,25 @@ def main() -> None:
     prompt_ids = engine.encode(PROMPT)
     rows = []
     for batch in batches:
-        base_tps = None
-        for k in counts:
-            if k > batch:
-                continue
-            names = [None] * batch if k == 0 else [adapters[i % k][0] for i in range(batch)]
-
-            params = SamplingParams(max_tokens=1 + args.new_tokens, ignore_eos=True)
-            engine.generate([prompt_ids] * batch, names, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-            rates = []
-            for _ in range(args.repeats):
+        ks = [k for k in counts if k <= batch]
+        names_of = {k: [None] * batch if k == 0 else [adapters[i % k][0] for i in range(batch)] for k in ks}
+        params = SamplingParams(max_tokens=1 + args.new_tokens, ignore_eos=True)
+        for k in ks:  # warm-up
+            engine.generate([prompt_ids] * batch, names_of[k], SamplingParams(max_tokens=2, ignore_eos=True))
+        # Rounds interleave the rows, so a slow spell of the machine hits every row of a round alike;
+        # kept = median over rounds of (rate / base-only rate of the same round).
+        rates: dict[int, list[float]] = {k: [] for k in ks}
+        for _ in range(args.repeats):
+            for k in ks:
                 engine.step_log = []
-                engine.generate([prompt_ids] * batch, names, params)
+                engine.generate([prompt_ids] * batch, names_of[k], params)
                 decode = [(n, sec) for n, seqs, sec in engine.step_log if n == seqs]
-                rates.append(sum(n for n, _ in decode) / sum(sec for _, sec in decode))
-            engine.step_log = None
-            tps = median(rates)
-            base_tps = tps if k == 0 else base_tps
+                rates[k].append(sum(n for n, _ in decode) / sum(sec for _, sec in decode))
+        engine.step_log = None
+        for k in ks:
+            tps = median(rates[k])
+            kept = median([r / b for r, b in zip(rates[k], rates[0], strict=True)]) if 0 in rates else None
             bound = base_bytes / (base_bytes + k * adapter_bytes)
-            kept = tps / base_tps if base_tps else None
             rows.append(dict(engine="loraplex", batch=batch, adapters=k, tok_s=tps, kept=kept, bound=bound, kept_vs_bound=None if kept is None else kept / bound))
             print(f"loraplex  batch={batch:3d} adapters={k:3d} {tps:8.1f} tok/s  kept={kept if kept is None else round(kept, 3)}  bound={bound:.3f}", flush=True)
         if not args.skip_transformers and batch in (1, 8):
