@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..kernels import LoraMeta, lora_apply
+from ..kernels import LoraMeta, lora_linear
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -108,7 +108,11 @@ class RMSNorm(nn.Module):
 class LoraLinear(nn.Module):
     """A frozen (possibly fused) Linear plus stacked LoRA slot buffers for each of its output slices.
 
-    lora_a: [num_slots, num_slices, r_max, in_features]; lora_b: [num_slots, out_total, r_max] (scaled).
+    After allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
+    followed by every slot's A rows, so on CPU the shrink can share the base matmul (kernels.lora_linear):
+      weight = weight_ext[:out_total]                               # [out_total, in]
+      lora_a = weight_ext[out_total:] as [num_slots, num_slices, r_max, in]
+      lora_b = [num_slots, out_total, r_max] view of a slot-minor [out_total, num_slots, r_max] buffer (scaled)
     """
 
     def __init__(self, in_features: int, slice_sizes: list[int], bias: bool) -> None:
@@ -119,23 +123,34 @@ class LoraLinear(nn.Module):
         self.slice_offsets = [0]
         for s in slice_sizes:
             self.slice_offsets.append(self.slice_offsets[-1] + s)
+        self.weight_ext: torch.Tensor | None = None
+        self.bias_ext: torch.Tensor | None = None
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
 
     def allocate_lora(self, num_slots: int, r_max: int) -> None:
         w = self.weight
+        out, in_f = w.shape
         num_slices = len(self.slice_offsets) - 1
-        self.lora_a = torch.zeros(num_slots, num_slices, r_max, w.shape[1], dtype=w.dtype, device=w.device)
-        # B is stored [out_total, num_slots, r_max] and exposed as the [num_slots, out_total, r_max] view: then
-        # any contiguous range of slots of one output slice is a plain 2-D matrix (the CPU dense path).
-        b = torch.zeros(w.shape[0], num_slots, r_max, dtype=w.dtype, device=w.device)
+        extra = num_slots * num_slices * r_max
+        ext = torch.zeros(out + extra, in_f, dtype=w.dtype, device=w.device)
+        ext[:out] = w
+        self.weight_ext = ext
+        self.weight = nn.Parameter(ext[:out], requires_grad=False)  # shares the buffer: no second copy of W
+        if self.bias is not None:
+            bias_ext = torch.zeros(out + extra, dtype=w.dtype, device=w.device)
+            bias_ext[:out] = self.bias
+            self.bias_ext = bias_ext
+            self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
+        self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
+        # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
+        b = torch.zeros(out, num_slots, r_max, dtype=w.dtype, device=w.device)
         self.lora_b = b.transpose(0, 1)
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out_total]
-        if meta is not None and self.lora_a is not None:
-            lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)
-        return y
+        if self.weight_ext is None:
+            return F.linear(x, self.weight, self.bias)  # [T, out_total]
+        return lora_linear(x, self.weight_ext, self.bias_ext, self.lora_a, self.lora_b, self.slice_offsets, meta)
 
 
 class DecoderLayer(nn.Module):

@@ -8,18 +8,50 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .meta import LoraMeta, build_lora_meta
-from .reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from .reference import lora_apply_ref, lora_expand_ref, lora_linear_cpu, lora_shrink_ref
 
 __all__ = [
     "LoraMeta",
     "build_lora_meta",
     "lora_apply",
     "lora_apply_ref",
+    "lora_linear",
     "lora_expand_ref",
     "lora_shrink_ref",
 ]
+
+
+def _backend() -> str:
+    backend = os.environ.get("LORAPLEX_LORA_BACKEND", "")
+    if backend not in ("", "triton", "torch"):
+        raise ValueError(f"LORAPLEX_LORA_BACKEND must be 'triton' or 'torch', got {backend!r}")
+    return backend
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight_ext: torch.Tensor,
+    bias_ext: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slice_offsets: list[int],
+    meta: LoraMeta | None,
+) -> torch.Tensor:
+    """y = x W^T + b (+ every token's LoRA delta), W = weight_ext[:out_total] and lora_a = the rows below it.
+
+    x: [T, in]; weight_ext: [out_total + num_slots * num_slices * r_max, in]; returns y: [T, out_total]
+    (on CPU possibly a column slice of a wider result: a strided view).
+    """
+    out_total = slice_offsets[-1]
+    if meta is not None and not (_backend() == "triton" or (x.is_cuda and _backend() != "torch")):
+        return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta)
+    y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
+    if meta is not None:
+        lora_apply(y, x, lora_a, lora_b, slice_offsets, meta)
+    return y
 
 
 def lora_apply(
@@ -35,9 +67,7 @@ def lora_apply(
     Backend: Triton shrink + expand for CUDA tensors, the torch reference otherwise;
     LORAPLEX_LORA_BACKEND=triton|torch forces one (read per call: a dict lookup).
     """
-    backend = os.environ.get("LORAPLEX_LORA_BACKEND", "")
-    if backend not in ("", "triton", "torch"):
-        raise ValueError(f"LORAPLEX_LORA_BACKEND must be 'triton' or 'torch', got {backend!r}")
+    backend = _backend()
     if backend == "triton" or (x.is_cuda and backend != "torch"):
         from .lora_expand import lora_expand
         from .lora_shrink import lora_shrink

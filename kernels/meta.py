@@ -28,7 +28,7 @@ class LoraMeta:
     num_tokens: int
     max_seg_len: int
     is_single_full: bool  # one slot covers every token in order: no gather/scatter needed
-    _onehot_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # per-step derived values (masks, plans)
 
     @property
     def num_active(self) -> int:
@@ -41,10 +41,10 @@ class LoraMeta:
     def slot_onehot(self, lo: int, span: int, dtype: torch.dtype) -> torch.Tensor:
         """[num_tokens, span] mask, 1 where token t uses slot lo + j; built once per step and dtype."""
         key = (lo, span, dtype)
-        if key not in self._onehot_cache:
+        if key not in self.cache:
             slots = torch.arange(lo, lo + span, device=self.token_slot.device)
-            self._onehot_cache[key] = (self.token_slot[:, None] == slots[None, :]).to(dtype)
-        return self._onehot_cache[key]
+            self.cache[key] = (self.token_slot[:, None] == slots[None, :]).to(dtype)
+        return self.cache[key]
 
 
 def build_lora_meta(

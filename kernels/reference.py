@@ -121,3 +121,82 @@ def _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo: int, span: int) 
     for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
         b_range = b_phys[c0:c1, lo : lo + span].reshape(c1 - c0, span * r_max)  # a view: rows stride S * r_max
         y[:, c0:c1].addmm_(h[:, :, j].reshape(t, span * r_max), b_range.T)
+
+
+def lora_linear_cpu(
+    x: torch.Tensor,  # [T, in]
+    weight_ext: torch.Tensor,  # [out_total + num_slots * num_slices * r_max, in]: W, then every slot's A rows
+    bias_ext: torch.Tensor | None,  # [out_total + ...] (zeros under the A rows) or None
+    lora_a: torch.Tensor,  # weight_ext[out_total:] viewed [num_slots, num_slices, r_max, in]
+    lora_b: torch.Tensor,  # [num_slots, out_total, r_max] view of the slot-minor buffer
+    slice_offsets: list[int],
+    meta: LoraMeta,
+) -> torch.Tensor:
+    """y = x W^T + b + every token's LoRA delta, on CPU.
+
+    Because each slot's A rows sit right under W in one buffer, the shrink for slots 0..hi can ride along
+    in the base matmul (one call: x @ weight_ext[:out_total + (hi + 1) * rows_per_slot]^T) instead of
+    costing calls of its own; the cost model picks that or the separate path. Every layer of a step has
+    the same shapes, so the choice is made once per step and shape (cached on meta).
+    """
+    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
+    key = ("plan", slice_offsets[-1], num_slices, r_max, in_f, lora_a.dtype == x.dtype)
+    plan = meta.cache.get(key)
+    if plan is None:
+        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, meta, key[-1])
+    out_total = slice_offsets[-1]
+    if plan == "separate":
+        y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
+        lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta)
+        return y
+    lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
+    per_slot = num_slices * r_max
+    n = out_total + (hi + 1) * per_slot
+    y_ext = F.linear(x, weight_ext[:n], None if bias_ext is None else bias_ext[:n])  # [T, n]
+    y = y_ext[:, :out_total]
+    if plan == "fused-single":
+        slot = lo
+        h = y_ext[:, out_total + slot * per_slot : out_total + (slot + 1) * per_slot]  # [T, num_slices * r_max]
+        bt = lora_b[slot].T  # [r_max, out_total]
+        for j in range(num_slices):
+            c0, c1 = slice_offsets[j], slice_offsets[j + 1]
+            y[:, c0:c1].addmm_(h[:, j * r_max : (j + 1) * r_max], bt[:, c0:c1])
+        return y
+    t = x.shape[0]
+    h = y_ext[:, out_total:].view(t, hi + 1, num_slices, r_max)  # every token x every slot 0..hi
+    if plan == "fused-dense":
+        span = hi - lo + 1
+        b_phys = lora_b.transpose(0, 1)  # [out_total, num_slots, r_max]
+        hr = h[:, lo:] * meta.slot_onehot(lo, span, h.dtype)[:, :, None, None]  # keep each token's own slot
+        for j in range(num_slices):
+            c0, c1 = slice_offsets[j], slice_offsets[j + 1]
+            b_range = b_phys[c0:c1, lo : lo + span].reshape(c1 - c0, span * r_max)
+            y[:, c0:c1].addmm_(hr[:, :, j].reshape(t, span * r_max), b_range.T)
+        return y
+    hs = h.index_select(0, meta.sorted_idx)  # [num_lora_tokens, hi + 1, num_slices, r_max]
+    delta = torch.zeros(hs.shape[0], out_total, dtype=y.dtype, device=y.device)
+    for i, slot in enumerate(meta.slot_ids_list):
+        a, b = meta.seg_starts_list[i], meta.seg_starts_list[i + 1]
+        bt = lora_b[slot].T
+        for j in range(num_slices):
+            c0, c1 = slice_offsets[j], slice_offsets[j + 1]
+            delta[a:b, c0:c1].addmm_(hs[a:b, slot, j], bt[:, c0:c1])
+    y.index_add_(0, meta.sorted_idx, delta)
+    return y
+
+
+def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, meta: LoraMeta, same_dtype: bool) -> str:
+    """Cheapest exact way under the cost model: 'separate' | 'fused-single' | 'fused-dense' | 'fused-grouped'."""
+    if not same_dtype:
+        return "separate"
+    lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
+    span = hi - lo + 1
+    fused_shrink = 2 * t * (hi + 1) * num_slices * r_max * in_f / _FLOPS_PER_SECOND
+    separate = (meta.num_active * (1 + num_slices) + 2) * _CALL_SECONDS
+    if meta.is_single_full:
+        return "fused-single" if fused_shrink + num_slices * _CALL_SECONDS < separate else "separate"
+    dense = (1 + 2 * num_slices) * _CALL_SECONDS + 2 * t * span * r_max * out_total / _FLOPS_PER_SECOND
+    grouped = (meta.num_active * num_slices + 2) * _CALL_SECONDS
+    if fused_shrink + min(dense, grouped) >= separate:
+        return "separate"
+    return "fused-dense" if dense < grouped else "fused-grouped"

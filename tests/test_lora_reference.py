@@ -73,3 +73,29 @@ def test_single_slot_full_batch_skips_gather():
     out = y.clone()
     lora_apply_ref(out, x, a, b, [0, 8, 16], meta)
     torch.testing.assert_close(out, _loop(x, y, a, b, [0, 8, 16], [1] * 9))
+
+
+@pytest.mark.parametrize("plan", ["separate", "fused-single", "fused-dense", "fused-grouped"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_cpu_plans_match_loop(plan, bias):
+    """Base matmul + LoRA with the A rows stacked under W: every plan computes the same y."""
+    from loraplex.kernels.reference import lora_linear_cpu
+
+    slices, r_max, in_f, num_slots = [20, 8, 8], 4, 16, 5
+    single = plan == "fused-single"
+    x, y0, a, b, token_slot, ranks = _case(11, num_slots, slices, r_max, in_f, seed=9)
+    if single:
+        token_slot = [3] * 11
+    out_total = sum(slices)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(out_total, in_f, generator=g, dtype=torch.float64)
+    weight_ext = torch.cat([w, a.reshape(-1, in_f)])
+    lora_a = weight_ext[out_total:].view_as(a)
+    bias_ext = torch.cat([torch.randn(out_total, generator=g, dtype=torch.float64), torch.zeros(a.numel() // in_f, dtype=torch.float64)]) if bias else None
+    offsets = [0, 20, 28, 36]
+    meta = build_lora_meta(token_slot, ranks)
+    key = ("plan", out_total, 3, r_max, in_f, True)
+    meta.cache[key] = plan  # force the strategy under test
+    y = lora_linear_cpu(x, weight_ext, bias_ext, lora_a, b, offsets, meta)
+    base = x @ w.T + (bias_ext[:out_total] if bias else 0)
+    torch.testing.assert_close(y, _loop(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
