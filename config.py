@@ -23,6 +23,8 @@ class Config:
     block_size: int = 16
     kv_cache_gib: float = 1.0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    prefill_chunk_size: int | None = None  # None: a prompt chunk is whatever the step's token budget leaves
+    max_wait_steps: int = 64  # fairness: a request passed over this many steps is admitted before newer ones
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -32,6 +34,10 @@ class Config:
         for name in ("max_lora_rank", "max_active_adapters", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1", param=name)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError("max_num_batched_tokens must be >= max_num_seqs", param="max_num_batched_tokens")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ConfigError("prefill_chunk_size must be >= 1", param="prefill_chunk_size")
         if self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib must be > 0", param="kv_cache_gib")
         names = [n for n, _ in self.adapters]

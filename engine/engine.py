@@ -1,11 +1,17 @@
-"""Engine: owns the model, tokenizer, adapter slots and KV cache; `generate` runs requests to completion.
+"""Engine: owns the model, tokenizer, adapter slots, KV cache and scheduler; one `step()` runs the step
+contract for every admitted request at once (requests of different adapters share each step):
 
-Every step follows the step contract: pick the sequences (schedule), one forward pass for all of them
-(run), then sample and account (postprocess). Requests of different adapters share every step.
+    batch = scheduler.schedule()                 # who runs, which tokens, which KV blocks
+    logits = runner.run(batch.seqs)              # one forward pass over the flat batch
+    scheduler.postprocess(batch, sampled_ids)    # append, detokenize, stop, free
+
+`generate()` drives steps in the caller's thread (offline use); AsyncEngine drives them in a thread of
+its own for the server.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -20,11 +26,31 @@ from ..config import Config
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.request import SamplingParams
+from ..scheduler.scheduler import Scheduler, StaticResidency
+from ..scheduler.sequence import Request
+from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .loader import DTYPES, load_hf_config, load_model, resolve_model_dir
-from .runner import ModelRunner, StepSeq
-from .sampler import make_generator, sample
+from .runner import ModelRunner
+from .sampler import make_generator, sample_batch
 
 log = logging.getLogger(__name__)
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token id, logprob, top alternatives)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (streamed to its caller)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # text safe to show now (never past a stop string, never half a character)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
 
 
 @dataclass
@@ -32,24 +58,24 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "abort" | "error"
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
 
 @dataclass
-class _Seq:
-    prompt: list[int]
-    slot: int
-    params: SamplingParams
-    generator: torch.Generator | None
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    finish_reason: str | None = None
-    text: str | None = None
+class _Track:
+    """Engine-side state of one request, kept across preemptions (so nothing is redrawn or re-streamed)."""
 
-    @property
-    def all_tokens(self) -> list[int]:
-        return self.prompt + self.output
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer | None
+    stops: StopMatcher
+    text: str = ""  # all text emitted so far
+    pending_text: str = ""  # emitted by this step, not yet handed out
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    sampled: TokenLogprob | None = None  # this step's draw, consumed by the finish check
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -87,11 +113,22 @@ class Engine:
         self.runner = ModelRunner(self.model, self.spec, num_blocks, config.block_size)
         self.blocks = BlockAllocator(num_blocks, config.block_size)
         self.adapter_slot: dict[str, int] = {}
-        # (num tokens fed, num sequences, seconds) per step when a caller sets a list here (benchmarks)
-        self.step_log: list[tuple[int, int, float]] | None = None
         for slot, (name, adapter) in enumerate(self.adapters.items()):
             self.runner.load_slot(slot, adapter.weights, adapter.rank)
             self.adapter_slot[name] = slot
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_active_adapters=config.max_active_adapters,
+            blocks=self.blocks,
+            residency=StaticResidency(self.adapter_slot),
+            prefill_chunk_size=config.prefill_chunk_size,
+            max_wait_steps=config.max_wait_steps,
+        )
+        self._tracks: dict[str, _Track] = {}
+        self._ids = itertools.count()
+        # (num tokens fed, num sequences, seconds) per step when a caller sets a list here (benchmarks)
+        self.step_log: list[tuple[int, int, float]] | None = None
 
     # ---- text helpers -------------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -125,12 +162,6 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def decode(self, token_ids: list[int]) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    # ---- generation ---------------------------------------------------------------------------
     def slot_of(self, adapter: str | None) -> int:
         if adapter is None or adapter == self.model_name:
             return -1
@@ -138,76 +169,155 @@ class Engine:
             raise AdapterNotFoundError(adapter, f"unknown adapter; known: {sorted(self.adapter_slot)}")
         return self.adapter_slot[adapter]
 
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and queue one request (thread-safe). Raises InvalidRequestError / AdapterError."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}",
+                param="max_tokens",
+            )
+        if max(ids) >= self.spec.vocab_size or min(ids) < 0:
+            raise InvalidRequestError(f"token ids must be in [0, {self.spec.vocab_size})", param="prompt")
+        slot = self.slot_of(adapter)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracks:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        self._tracks[request_id] = _Track(make_generator(params.seed), detok, StopMatcher(params.stop))
+        request = Request(request_id, ids, params, None if slot < 0 else adapter)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its KV blocks are freed at the next step."""
+        return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns what each touched request produced (finished ones included)."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        outputs = [self._output(r) for r in (*batch.aborted, *batch.failed)]
+        if not batch.seqs:
+            return outputs
+        try:
+            logits = self.runner.run(batch.seqs)
+            rows = [s.request for s in batch.seqs if s.want_logits]
+            tracks = [self._tracks[r.request_id] for r in rows]
+            sampled = sample_batch(
+                logits,
+                [r.params for r in rows],
+                [t.generator for t in tracks],
+                [(r.prompt_token_ids, r.output_token_ids) for r in rows],
+            )
+            for i, t in enumerate(tracks):
+                t.sampled = (sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+            touched = self.scheduler.postprocess(batch, list(sampled.token_ids), self._finish_check)
+        except Exception as exc:  # a failing step fails only its own requests; the engine goes on
+            log.exception("step %d failed", batch.step)
+            touched = self.scheduler.fail(batch, f"internal error in step {batch.step}: {type(exc).__name__}: {exc}")
+        outputs.extend(self._output(r) for r in touched)
+        if self.step_log is not None:
+            self.step_log.append((batch.num_tokens, len(batch.seqs), time.perf_counter() - t0))
+        return outputs
+
+    def _finish_check(self, r: Request) -> str | None:
+        """Called by the scheduler right after it appended this step's token to r (under its lock)."""
+        t = self._tracks[r.request_id]
+        token, logprob, top = t.sampled or (r.output_token_ids[-1], None, None)
+        t.sampled = None
+        if token in self.eos_token_ids and not r.params.ignore_eos:
+            r.output_token_ids.pop()  # EOS ends the text; it is reported as finish_reason, not as a token
+            return self._flush(t, "stop")
+        t.pending_tokens.append(token)
+        if r.params.logprobs is not None:
+            entry = (token, float(logprob), list(top or []))
+            t.logprobs.append(entry)
+            t.pending_logprobs.append(entry)
+        if t.detok is not None:
+            check = t.stops.add(t.detok.add(token))
+            t.pending_text += check.emit
+            if check.stopped:
+                return "stop"
+        if len(r.output_token_ids) >= r.params.max_tokens:
+            return self._flush(t, "length")
+        return None
+
+    def _flush(self, t: _Track, reason: str) -> str:
+        """Release held-back text (an incomplete character, a possible stop-string prefix) at the end."""
+        if t.detok is None:
+            return reason
+        check = t.stops.add(t.detok.flush())
+        t.pending_text += check.emit
+        if check.stopped:
+            return "stop"
+        t.pending_text += t.stops.flush().emit
+        return reason
+
+    def _output(self, r: Request) -> RequestOutput:
+        t = self._tracks[r.request_id]
+        out = RequestOutput(
+            request_id=r.request_id,
+            new_token_ids=t.pending_tokens,
+            new_text=t.pending_text,
+            finished=r.is_finished,
+            finish_reason=r.finish_reason,
+            error=r.error,
+            new_logprobs=t.pending_logprobs if r.params.logprobs is not None else None,
+            num_prompt_tokens=len(r.prompt_token_ids),
+            num_output_tokens=len(r.output_token_ids),
+        )
+        t.text += t.pending_text
+        t.pending_text, t.pending_tokens, t.pending_logprobs = "", [], []
+        if r.is_finished:
+            del self._tracks[r.request_id]
+        return out
+
+    # ---- offline generation -------------------------------------------------------------------
     def generate(
         self,
         prompts: Sequence[str | list[int]],
         adapters: Sequence[str | None] | str | None = None,
         sampling: Sequence[SamplingParams] | SamplingParams | None = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt; prompt i uses adapters[i] (None = base model) and sampling[i]."""
+        """Generate for every prompt in this thread; prompt i uses adapters[i] (None = base) and sampling[i]."""
         n = len(prompts)
         adapter_list = list(adapters) if isinstance(adapters, list | tuple) else [adapters] * n
         params_list = list(sampling) if isinstance(sampling, list | tuple) else [sampling or SamplingParams()] * n
         if len(adapter_list) != n or len(params_list) != n:
             raise InvalidRequestError("prompts, adapters and sampling must have the same length")
-        seqs = []
-        for prompt, adapter, params in zip(prompts, adapter_list, params_list, strict=True):
-            ids = self.encode(prompt)
-            if not ids:
-                raise InvalidRequestError("prompt is empty", param="prompt")
-            if len(ids) + params.max_tokens > self.max_model_len:
-                raise InvalidRequestError(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                    f"length {self.max_model_len}",
-                    param="max_tokens",
-                )
-            seqs.append(_Seq(ids, self.slot_of(adapter), params, make_generator(params.seed)))
-        pending = list(seqs)
-        running: list[_Seq] = []
+        requests = [self.add_request(p, a, s) for p, a, s in zip(prompts, adapter_list, params_list, strict=True)]
+        texts: dict[str, list[str]] = {r.request_id: [] for r in requests}
+        logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in requests}
         try:
-            while pending or running:
-                while pending and len(running) < self.config.max_num_seqs:
-                    running.append(pending.pop(0))
-                t0 = time.perf_counter()
-                step = self._schedule(running)
-                logits = self.runner.run(step)
-                self._postprocess(running, logits)
-                if self.step_log is not None:
-                    self.step_log.append((sum(len(s.token_ids) for s in step), len(step), time.perf_counter() - t0))
-                for s in [s for s in running if s.finish_reason]:
-                    self.blocks.free(s.blocks)
-                    running.remove(s)
+            while self.has_work():
+                for out in self.step():
+                    if out.request_id in texts:
+                        texts[out.request_id].append(out.new_text)
+                        logprobs[out.request_id].extend(out.new_logprobs or [])
         finally:
-            for s in running:
-                self.blocks.free(s.blocks)
-        return [GenerationResult(s.prompt, s.output, s.text, s.finish_reason or "length") for s in seqs]
-
-    def _schedule(self, running: list[_Seq]) -> list[StepSeq]:
-        step = []
-        for s in running:
-            tokens = s.all_tokens
-            new = tokens[s.num_computed :]
-            need = self.blocks.blocks_needed(len(tokens), len(s.blocks))
-            s.blocks.extend(self.blocks.allocate(need))
-            step.append(StepSeq(new, s.num_computed, s.blocks, s.slot, True))
-            s.num_computed = len(tokens)
-        return step
-
-    def _postprocess(self, running: list[_Seq], logits: torch.Tensor) -> None:
-        next_ids = sample(logits, [s.params for s in running], [s.generator for s in running])
-        for s, tok in zip(running, next_ids, strict=True):
-            p = s.params
-            if tok in self.eos_token_ids and not p.ignore_eos:
-                s.finish_reason = "stop"
-                s.text = self.decode(s.output)
-                continue
-            s.output.append(tok)
-            if p.stop and self.tokenizer is not None:
-                text = self.decode(s.output)
-                hits = [text.find(x) for x in p.stop if x in text]
-                if hits:
-                    s.finish_reason, s.text = "stop", text[: min(hits)]
-                    continue
-            if len(s.output) >= p.max_tokens:
-                s.finish_reason = "length"
-                s.text = self.decode(s.output)
+            for r in requests:
+                if not r.is_finished:
+                    self.abort(r.request_id)
+        return [
+            GenerationResult(
+                r.prompt_token_ids,
+                r.output_token_ids,
+                "".join(texts[r.request_id]) if self.tokenizer is not None else None,
+                r.finish_reason or "length",
+                logprobs[r.request_id] if r.params.logprobs is not None else None,
+                r.error,
+            )
+            for r in requests
+        ]

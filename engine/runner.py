@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,6 +22,21 @@ class StepSeq:
     block_table: list[int]  # KV blocks holding positions [0, start_pos + len(token_ids))
     slot: int  # adapter device slot, -1 = base model only
     want_logits: bool  # True when the last new token is the end of the known text
+
+
+class StepSeqLike(Protocol):
+    """What run() reads of each sequence (StepSeq, or the scheduler's ScheduledSeq)."""
+
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def start_pos(self) -> int: ...
+    @property
+    def block_table(self) -> list[int]: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def want_logits(self) -> bool: ...
 
 
 class ModelRunner:
@@ -45,7 +62,7 @@ class ModelRunner:
         write_lora_slot(self.model, slot, weights)
         self.slot_ranks[slot] = rank
 
-    def run(self, seqs: list[StepSeq]) -> torch.Tensor:
+    def run(self, seqs: Sequence[StepSeqLike]) -> torch.Tensor:
         """Forward one step; returns float32 logits [num seqs with want_logits, vocab] in seq order."""
         token_ids: list[int] = []
         positions: list[int] = []
