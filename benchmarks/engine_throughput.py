@@ -1,7 +1,12 @@
-"""Decode throughput of the engine on the default model: base-only vs 1 / 8 / 32 distinct adapters, at
-batch 1 / 8 / 32, next to transformers `generate` on the same prompts. Prints a table, writes JSON.
+"""Engine benchmarks on the default model. Prints a table, writes JSON.
 
-    python benchmarks/engine_throughput.py [--dtype bfloat16] [--new-tokens 32] [--out benchmarks/out/engine_throughput.json]
+--mode decode (default): decode throughput, base-only vs 1 / 8 / 32 distinct adapters, at batch 1 / 8 / 32,
+next to transformers `generate` on the same prompts.
+--mode arrivals: 64 requests over 16 adapters arriving as a Poisson process, continuous batching vs static
+batching (wait for a full batch, run it to completion) in the same run: output tok/s, time to first token
+and time per output token (p50 / p99).
+
+    python benchmarks/engine_throughput.py [--mode decode|arrivals] [--dtype bfloat16] [--out FILE.json]
 
 Decode tok/s counts only pure decode steps (one token per sequence), timed by the engine's step log.
 "bound" is the memory-traffic bound of the row: bytes of base weights / (base + distinct adapters' weights)
@@ -41,8 +46,15 @@ def main() -> None:
     ap.add_argument("--adapters", default="0,1,8,32", help="distinct adapter counts (0 = base only)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--out", default="benchmarks/out/engine_throughput.json")
+    ap.add_argument("--mode", default="decode", choices=["decode", "arrivals"])
+    ap.add_argument("--rate", type=float, default=4.0, help="arrivals mode: requests per second")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--static-batch", type=int, default=16)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or f"benchmarks/out/engine_{args.mode}.json"
+    if args.mode == "arrivals":
+        args.adapters = "16"
     torch.manual_seed(0)
     batches = [int(x) for x in args.batches.split(",")]
     counts = [int(x) for x in args.adapters.split(",")]
@@ -60,6 +72,8 @@ def main() -> None:
     base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     adapter_bytes = next(iter(engine.adapters.values())).num_bytes if engine.adapters else 0
     prompt_ids = engine.encode(PROMPT)
+    if args.mode == "arrivals":
+        return arrivals_main(engine, adapters, args)
     rows = []
     for batch in batches:
         ks = [k for k in counts if k <= batch]
@@ -102,6 +116,87 @@ def main() -> None:
         adapter_bytes=adapter_bytes,
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {out}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def run_arrivals(engine: Engine, workload: list[tuple[float, list[int], str, int]], static_batch: int | None) -> dict:
+    """Feed requests at their arrival times (seconds from start). static_batch=None: continuous batching
+    (admit whatever has arrived before every step); else wait until static_batch requests (or all the
+    rest) have arrived, then run exactly those to completion before admitting more."""
+    t0 = time.perf_counter()
+    arrival, first, finish, num_out = {}, {}, {}, {}
+    queue = list(enumerate(workload))
+    in_flight = 0
+
+    def now() -> float:
+        return time.perf_counter() - t0
+
+    while queue or in_flight:
+        arrived = [q for q in queue if q[1][0] <= now()]
+        admit = []
+        if static_batch is None:
+            admit = arrived
+        elif in_flight == 0 and (len(arrived) >= min(static_batch, len(queue))):
+            admit = arrived[:static_batch]
+        for q in admit:
+            i, (t_arr, ids, adapter, max_tokens) = q
+            queue.remove(q)
+            engine.add_request(ids, adapter, SamplingParams(max_tokens=max_tokens, ignore_eos=True), request_id=str(i))
+            arrival[str(i)] = t_arr
+            in_flight += 1
+        if not engine.has_work():
+            time.sleep(0.002)
+            continue
+        for out in engine.step():
+            if out.new_token_ids and out.request_id not in first:
+                first[out.request_id] = now()
+            if out.finished:
+                finish[out.request_id] = now()
+                num_out[out.request_id] = out.num_output_tokens
+                in_flight -= 1
+    ttft = [first[r] - arrival[r] for r in finish]
+    tpot = [(finish[r] - first[r]) / max(1, num_out[r] - 1) for r in finish]
+    span = max(finish.values()) - min(arrival.values())
+    return dict(
+        output_tok_s=sum(num_out.values()) / span,
+        ttft_p50=percentile(ttft, 50),
+        ttft_p99=percentile(ttft, 99),
+        tpot_p50=percentile(tpot, 50),
+        tpot_p99=percentile(tpot, 99),
+        makespan_s=span,
+    )
+
+
+def arrivals_main(engine: Engine, adapters: list[tuple[str, str]], args) -> None:
+    g = torch.Generator().manual_seed(0)
+    questions = ["Tell me about lighthouses.", "Write a poem about rain.", "Explain photosynthesis simply.", "List three fruits."]
+    workload, t = [], 0.0
+    for i in range(args.num_requests):
+        t += float(torch.empty(1).exponential_(args.rate, generator=g))  # Poisson process: exponential gaps
+        ids = engine.chat_prompt([{"role": "user", "content": questions[i % len(questions)]}])
+        workload.append((t, ids, adapters[i % len(adapters)][0], args.new_tokens))
+    warm = [(0.0, workload[0][1], workload[0][2], 2)]
+    run_arrivals(engine, warm, None)
+    results = {
+        "continuous": run_arrivals(engine, workload, None),
+        f"static(batch={args.static_batch})": run_arrivals(engine, workload, args.static_batch),
+    }
+    print(f"\n{'policy':18s} {'out tok/s':>9s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s}")
+    for name, r in results.items():
+        print(f"{name:18s} {r['output_tok_s']:9.1f} {r['ttft_p50']:9.3f} {r['ttft_p99']:9.3f} {r['tpot_p50']:9.4f} {r['tpot_p99']:9.4f}")
+    cont, static = results["continuous"], results[f"static(batch={args.static_batch})"]
+    print(f"continuous / static throughput: {cont['output_tok_s'] / static['output_tok_s']:.2f}x; "
+          f"p99 TTFT {cont['ttft_p99']:.2f}s vs {static['ttft_p99']:.2f}s")
+    meta = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__, dtype=args.dtype,
+                rate=args.rate, num_requests=args.num_requests, adapters=len(adapters), new_tokens=args.new_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     print(f"wrote {out}")
 
 
