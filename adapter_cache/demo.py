@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..engine.loader import base_shapes_of
+from .peft_format import BaseShapes
+
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,38 +69,6 @@ DEMO_ADAPTERS: tuple[DemoAdapterSpec, ...] = (
         use_rslora=True,
     ),
 )
-
-
-@dataclass(frozen=True)
-class LinearShapes:
-    """(in_features, out_features) of each LoRA-able linear of one decoder layer, and the layer count."""
-
-    num_layers: int
-    shapes: dict[str, tuple[int, int]]
-
-    @classmethod
-    def from_config(cls, config: dict) -> LinearShapes:
-        hidden = config["hidden_size"]
-        num_heads = config["num_attention_heads"]
-        num_kv_heads = config.get("num_key_value_heads") or num_heads
-        head_dim = config.get("head_dim") or hidden // num_heads
-        mlp = config["intermediate_size"]
-        q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
-        shapes = {
-            "q_proj": (hidden, q_out),
-            "k_proj": (hidden, kv_out),
-            "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden),
-            "gate_proj": (hidden, mlp),
-            "up_proj": (hidden, mlp),
-            "down_proj": (mlp, hidden),
-        }
-        return cls(num_layers=config["num_hidden_layers"], shapes=shapes)
-
-    @classmethod
-    def from_model_dir(cls, model_dir: Path) -> LinearShapes:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        return cls.from_config(config.get("text_config", config))
 
 
 def module_prefix(module: str) -> str:
@@ -143,10 +114,10 @@ def adapter_config(spec: DemoAdapterSpec, base_model_name: str) -> dict:
 
 
 def make_lora_weights(
-    spec: DemoAdapterSpec, shapes: LinearShapes, dtype: torch.dtype = torch.float32
+    spec: DemoAdapterSpec, shapes: BaseShapes, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Seeded A [r, in] and B [out, r] for every targeted linear of every layer."""
-    unknown = set(spec.target_modules) - set(shapes.shapes)
+    unknown = set(spec.target_modules) - set(shapes.modules)
     if unknown:
         raise ValueError(f"{spec.name}: unknown target modules {sorted(unknown)}")
     generator = torch.Generator().manual_seed(spec.seed)
@@ -156,7 +127,7 @@ def make_lora_weights(
         for module in ALL_LINEAR_MODULES:
             if module not in spec.target_modules:
                 continue
-            in_features, out_features = shapes.shapes[module]
+            in_features, out_features = shapes.modules[module]
             a = torch.randn(spec.r, in_features, generator=generator) / math.sqrt(in_features)
             b = torch.randn(out_features, spec.r, generator=generator) * spec.b_std
             tensors[lora_key(layer, module, "A")] = a.to(dtype).contiguous()
@@ -167,7 +138,7 @@ def make_lora_weights(
 def write_lora_adapter(
     adapter_dir: Path,
     spec: DemoAdapterSpec,
-    shapes: LinearShapes,
+    shapes: BaseShapes,
     base_model_name: str,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
@@ -200,7 +171,7 @@ def write_demo_adapters(
     if unknown:
         raise ValueError(f"unknown demo adapters {unknown}; choose from {sorted(by_name)}")
     base_model_dir = Path(base_model_dir)
-    shapes = LinearShapes.from_model_dir(base_model_dir)
+    shapes = base_shapes_of(base_model_dir)
     base_name = base_model_name or str(base_model_dir.resolve())
     return [
         write_lora_adapter(Path(out_dir) / name, by_name[name], shapes, base_name, dtype) for name in chosen

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapter_cache.demo import ALL_LINEAR_MODULES, DemoAdapterSpec, LinearShapes, write_lora_adapter
+from loraplex.adapter_cache.demo import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
-from loraplex.engine.loader import resolve_model_dir
+from loraplex.engine.loader import base_shapes_of, resolve_model_dir
 from loraplex.scheduler.request import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
@@ -59,7 +59,7 @@ def main() -> None:
     batches = [int(x) for x in args.batches.split(",")]
     counts = [int(x) for x in args.adapters.split(",")]
     model_dir = resolve_model_dir(None)
-    shapes = LinearShapes.from_model_dir(model_dir)
+    shapes = base_shapes_of(model_dir)
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     n_ad = max(counts)
     adapters = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..adapter_cache.peft_format import BaseShapes
 from ..errors import ModelLoadError
 from .model import CausalLM, ModelSpec
 
@@ -65,6 +66,12 @@ def load_hf_config(model_dir: Path):
         return AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {exc}") from exc
+
+
+def base_shapes_of(model_dir: Path) -> BaseShapes:
+    """What an adapter for the model in model_dir must fit (without loading its weights)."""
+    spec = ModelSpec.from_hf_config(load_hf_config(model_dir))
+    return BaseShapes(str(model_dir), spec.num_layers, spec.lora_shapes())
 
 
 def _rope_params(cfg) -> tuple[torch.Tensor, float]:

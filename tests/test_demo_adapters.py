@@ -14,7 +14,6 @@ from loraplex.adapter_cache.demo import (
     ADAPTER_WEIGHTS_FILE,
     DEMO_ADAPTERS,
     DemoAdapterSpec,
-    LinearShapes,
     lora_key,
     module_prefix,
     write_demo_adapters,
@@ -150,20 +149,17 @@ def test_unknown_name_is_rejected(base_dir: Path, tmp_path: Path) -> None:
 
 
 def test_shapes_without_head_dim_use_hidden_over_heads() -> None:
-    shapes = LinearShapes.from_config(
-        {
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "num_hidden_layers": 30,
-        }
-    )
-    assert shapes.num_layers == 30
-    assert shapes.shapes["q_proj"] == (576, 576)
-    assert shapes.shapes["k_proj"] == (576, 192)
-    assert shapes.shapes["o_proj"] == (576, 576)
-    assert shapes.shapes["down_proj"] == (1536, 576)
+    from transformers import LlamaConfig
+
+    from loraplex.engine.model import ModelSpec
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    shapes = ModelSpec.from_hf_config(cfg).lora_shapes()
+    assert ModelSpec.from_hf_config(cfg).num_layers == 30
+    assert shapes["q_proj"] == (576, 576)
+    assert shapes["k_proj"] == (576, 192)
+    assert shapes["o_proj"] == (576, 576)
+    assert shapes["down_proj"] == (1536, 576)
 
 
 def test_rslora_scale() -> None:
