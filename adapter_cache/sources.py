@@ -28,7 +28,9 @@ MAX_NAME_LENGTH = 128
 _LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 # org/name[@revision]; a revision may be a branch with slashes (refs/pr/1) or a commit hash.
-_HUB_ID = re.compile(rf"(?P<repo>{_HUB_PART}/{_HUB_PART})(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._/-]{{0,127}}))?")
+_HUB_ID = re.compile(
+    rf"(?P<repo>{_HUB_PART}/{_HUB_PART})(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._/-]{{0,127}}))?"
+)
 # What a PEFT adapter repo needs. *.bin is fetched too, so that a pickle-only adapter gets
 # load_peft_adapter's clear "safetensors only" error instead of a vague "missing file".
 HUB_ALLOW_PATTERNS = [CONFIG_FILE, "*.safetensors", "*.bin"]
@@ -102,7 +104,9 @@ class AdapterSources:
             if path is not None:
                 return path
             if self.adapter_dir is None:
-                raise AdapterNotFoundError(name, f"unknown adapter; configured adapters: {sorted(self.named)}")
+                raise AdapterNotFoundError(
+                    name, f"unknown adapter; configured adapters: {sorted(self.named)}"
+                )
             raise AdapterNotFoundError(
                 name, f"unknown adapter: no folder of that name in the adapter directory {self.adapter_dir}"
             )
@@ -110,7 +114,8 @@ class AdapterSources:
         if hub is not None:
             if not self.allow_hub:
                 raise AdapterNotFoundError(
-                    name, "looks like a Hugging Face Hub id, but Hub sources are disabled (start with --allow-hub)"
+                    name,
+                    "looks like a Hugging Face Hub id, but Hub sources are disabled (start with --allow-hub)",
                 )
             return self._download_hub(name, *hub)
         raise AdapterNotFoundError(

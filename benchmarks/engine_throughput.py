@@ -69,7 +69,7 @@ def main() -> None:
     engine = Engine(
         Config(adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1), max_num_seqs=max(batches))
     )
-    base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    base_bytes = engine.model.num_weight_bytes
     adapter_bytes = next(iter(engine.adapters.values())).num_bytes if engine.adapters else 0
     prompt_ids = engine.encode(PROMPT)
     if args.mode == "arrivals":

@@ -124,6 +124,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str =
     model = model.to_empty(device=device)
     model.inv_freq = inv_freq.float().to(device)
     _fill(model, spec, tensors, dtype, device)
+    model.num_weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read per decode step
     return model.eval(), spec
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..kernels import LoraMeta, lora_linear
+from ..kernels import LoraMeta, lora_apply, lora_linear
+from ..kernels.cpu_linear import pack_weight, packed_linear
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -108,7 +109,8 @@ class RMSNorm(nn.Module):
 class LoraLinear(nn.Module):
     """A frozen (possibly fused) Linear plus stacked LoRA slot buffers for each of its output slices.
 
-    After allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
+    On a 16-bit CPU model the base W is used through a oneDNN-packed copy (self.packed) and lora_a is a
+    buffer of its own. Otherwise, after allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
     followed by every slot's A rows, so on CPU the shrink can share the base matmul (kernels.lora_linear):
       weight = weight_ext[:out_total]                               # [out_total, in]
       lora_a = weight_ext[out_total:] as [num_slots, num_slices, r_max, in]
@@ -125,6 +127,7 @@ class LoraLinear(nn.Module):
             self.slice_offsets.append(self.slice_offsets[-1] + s)
         self.weight_ext: torch.Tensor | None = None
         self.bias_ext: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # oneDNN-packed W (16-bit CPU), see kernels/cpu_linear.py
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
 
@@ -132,22 +135,31 @@ class LoraLinear(nn.Module):
         w = self.weight
         out, in_f = w.shape
         num_slices = len(self.slice_offsets) - 1
-        extra = num_slots * num_slices * r_max
-        ext = torch.zeros(out + extra, in_f, dtype=w.dtype, device=w.device)
+        # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
+        b = torch.zeros(out, num_slots, r_max, dtype=w.dtype, device=w.device)
+        self.lora_b = b.transpose(0, 1)
+        self.packed = pack_weight(w)
+        if self.packed is not None:  # 16-bit CPU: packed base matmul, LoRA on its own
+            self.lora_a = torch.zeros(num_slots, num_slices, r_max, in_f, dtype=w.dtype, device=w.device)
+            self.weight = nn.Parameter(torch.empty(0, in_f, dtype=w.dtype), requires_grad=False)  # the packed copy serves
+            return
+        ext = torch.zeros(out + num_slots * num_slices * r_max, in_f, dtype=w.dtype, device=w.device)
         ext[:out] = w
         self.weight_ext = ext
         self.weight = nn.Parameter(ext[:out], requires_grad=False)  # shares the buffer: no second copy of W
         if self.bias is not None:
-            bias_ext = torch.zeros(out + extra, dtype=w.dtype, device=w.device)
+            bias_ext = torch.zeros(ext.shape[0], dtype=w.dtype, device=w.device)
             bias_ext[:out] = self.bias
             self.bias_ext = bias_ext
             self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
         self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
-        # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
-        b = torch.zeros(out, num_slots, r_max, dtype=w.dtype, device=w.device)
-        self.lora_b = b.transpose(0, 1)
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
+        if self.packed is not None:
+            y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
+            if meta is not None:
+                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)
+            return y
         if self.weight_ext is None:
             return F.linear(x, self.weight, self.bias)  # [T, out_total]
         return lora_linear(x, self.weight_ext, self.bias_ext, self.lora_a, self.lora_b, self.slice_offsets, meta)
@@ -223,6 +235,8 @@ class CausalLM(nn.Module):
         self.attention_scaling = attention_scaling
         self.num_lora_slots = 0
         self.lora_r_max = 0
+        self.lm_head_packed: torch.Tensor | None = None
+        self.num_weight_bytes = 0  # base weights, counted once at load (packing replaces some parameters)
 
     @property
     def lm_head(self) -> torch.Tensor:  # [vocab, hidden]
@@ -233,6 +247,7 @@ class CausalLM(nn.Module):
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 lin.allocate_lora(num_slots, r_max)
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
+        self.lm_head_packed = pack_weight(self.lm_head)
 
     def lora_linear(self, layer: int, module: str) -> tuple[LoraLinear, int]:
         group, index = LORA_TARGETS[module]
@@ -259,7 +274,9 @@ class CausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv, attn, lora)
         x = self.norm(x.index_select(0, logits_idx))
-        return F.linear(x, self.lm_head).float()  # [num_seqs, vocab]
+        if self.lm_head_packed is not None:
+            return packed_linear(x, self.lm_head_packed, None).float()  # [num_seqs, vocab]
+        return F.linear(x, self.lm_head).float()
 
 
 def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -99,3 +99,19 @@ def test_lora_linear_cpu_plans_match_loop(plan, bias):
     y = lora_linear_cpu(x, weight_ext, bias_ext, lora_a, b, offsets, meta)
     base = x @ w.T + (bias_ext[:out_total] if bias else 0)
     torch.testing.assert_close(y, _loop(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+
+
+def test_packed_cpu_linear_equals_plain_linear():
+    """16-bit CPU models use oneDNN-packed weights; the result must be bit-identical to F.linear."""
+    from loraplex.kernels.cpu_linear import pack_weight, packed_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 40, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    packed = pack_weight(w)
+    if packed is None:
+        pytest.skip("this torch build has no oneDNN packed linear")
+    for t in (1, 7, 64):
+        x = torch.randn(t, 40, generator=g).to(torch.bfloat16)
+        assert torch.equal(packed_linear(x, packed, b), torch.nn.functional.linear(x, w, b))
+    assert pack_weight(w.float()) is None  # float32 keeps the plain path
