@@ -31,6 +31,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=SOURCE",
         help="a PEFT LoRA adapter directory, repeatable (env LORAPLEX_ADAPTERS: comma-separated)",
     )
+    p.add_argument("--adapter-dir", default=_env("ADAPTER_DIR"), help="a folder of adapter folders, discovered on request")
+    p.add_argument("--allow-hub", action="store_true", default=_env("ALLOW_HUB", False, lambda v: v.lower() in ("1", "true", "yes")))
+    p.add_argument("--max-host-adapters", type=int, default=_env("MAX_HOST_ADAPTERS", d.max_host_adapters, int))
+    p.add_argument("--host-cache-gib", type=float, default=_env("HOST_CACHE_GIB", d.host_cache_gib, float))
     p.add_argument("--dtype", default=_env("DTYPE", d.dtype), choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=_env("DEVICE", d.device), help="auto | cpu | cuda[:N]")
     p.add_argument("--max-lora-rank", type=int, default=_env("MAX_LORA_RANK", d.max_lora_rank, int))
@@ -44,6 +48,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         model=args.model,
         adapters=tuple(parse_adapter_flag(a) for a in raw),
+        adapter_dir=args.adapter_dir,
+        allow_hub=args.allow_hub,
+        max_host_adapters=args.max_host_adapters,
+        host_cache_gib=args.host_cache_gib,
         dtype=args.dtype,
         device=args.device,
         max_lora_rank=args.max_lora_rank,

@@ -14,6 +14,11 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/@:]{0,127}$")
 class Config:
     model: str | None = None  # local HF dir or Hub id; None = the embedded default (SmolLM2-135M-Instruct)
     adapters: tuple[tuple[str, str], ...] = ()  # (name, source) pairs from --adapter NAME=SOURCE
+    adapter_dir: str | None = None  # each subfolder an adapter named after it, discovered when requested
+    allow_hub: bool = False  # adapter names of the form org/name[@revision] load from the Hugging Face Hub
+    max_host_adapters: int = 64  # host (CPU) tier: adapters kept parsed and validated
+    host_cache_gib: float = 4.0  # host tier byte budget
+    adapter_failure_ttl: float = 30.0  # seconds a failed adapter load is remembered (fails fast, no re-read)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: the checkpoint's, float32 if unknown)
     device: str = "auto"  # auto | cpu | cuda[:N]
     max_lora_rank: int = 64
@@ -38,6 +43,8 @@ class Config:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs", param="max_num_batched_tokens")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ConfigError("prefill_chunk_size must be >= 1", param="prefill_chunk_size")
+        if self.max_host_adapters < 1 or self.host_cache_gib <= 0:
+            raise ConfigError("max_host_adapters must be >= 1 and host_cache_gib > 0", param="max_host_adapters")
         if self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib must be > 0", param="kv_cache_gib")
         names = [n for n, _ in self.adapters]

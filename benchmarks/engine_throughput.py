@@ -70,7 +70,7 @@ def main() -> None:
         Config(adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1), max_num_seqs=max(batches))
     )
     base_bytes = engine.model.num_weight_bytes
-    adapter_bytes = next(iter(engine.adapters.values())).num_bytes if engine.adapters else 0
+    adapter_bytes = max((row["bytes"] or 0 for row in engine.adapter_cache.list()), default=0)
     prompt_ids = engine.encode(PROMPT)
     if args.mode == "arrivals":
         return arrivals_main(engine, adapters, args)

@@ -50,6 +50,9 @@ class AsyncEngine:
             except Exception:  # Engine.step already fails a broken step's requests; this is a last guard
                 log.exception("step loop error")
                 continue
+            if not self.engine.last_step_ran:  # only waiting on adapter loads: sleep until one is ready
+                self.engine.wake.wait(0.005)
+                self.engine.wake.clear()
             for out in outputs:
                 target = self._streams.get(out.request_id)
                 if target is not None:

@@ -14,19 +14,21 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..adapter_cache.peft_format import BaseShapes, LoraAdapter, load_peft_adapter
+from ..adapter_cache.cache import AdapterCache
+from ..adapter_cache.peft_format import BaseShapes
+from ..adapter_cache.sources import AdapterSources
 from ..config import Config
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.request import SamplingParams
-from ..scheduler.scheduler import Scheduler, StaticResidency
+from ..scheduler.scheduler import Scheduler
 from ..scheduler.sequence import Request
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .loader import DTYPES, load_hf_config, load_model, resolve_model_dir
@@ -102,31 +104,43 @@ class Engine:
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
 
         self.base_shapes = BaseShapes(self.model_name, self.spec.num_layers, self.spec.lora_shapes())
-        self.adapters: dict[str, LoraAdapter] = {}
-        for name, source in config.adapters:
-            self.adapters[name] = load_peft_adapter(name, Path(source), self.base_shapes, config.max_lora_rank, self.dtype)
-        num_slots = max(config.max_active_adapters, len(self.adapters))
-        self.model.allocate_lora_slots(num_slots, config.max_lora_rank)
-
+        self.model.allocate_lora_slots(config.max_active_adapters, config.max_lora_rank)
         block_bytes = ModelRunner.kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         num_blocks = max(2, int(config.kv_cache_gib * 2**30) // block_bytes)
         self.runner = ModelRunner(self.model, self.spec, num_blocks, config.block_size)
         self.blocks = BlockAllocator(num_blocks, config.block_size)
-        self.adapter_slot: dict[str, int] = {}
-        for slot, (name, adapter) in enumerate(self.adapters.items()):
-            self.runner.load_slot(slot, adapter.weights, adapter.rank)
-            self.adapter_slot[name] = slot
+        self.wake = threading.Event()  # set when an adapter finished loading (the step loop may proceed)
+        self.adapter_cache = AdapterCache(
+            AdapterSources(dict(config.adapters), config.adapter_dir, config.allow_hub),
+            self.base_shapes,
+            config.max_lora_rank,
+            self.dtype,
+            num_slots=config.max_active_adapters,
+            max_host_adapters=config.max_host_adapters,
+            host_bytes_budget=int(config.host_cache_gib * 2**30),
+            write_slot=self.runner.load_slot,
+            clear_slot=lambda slot: self.runner.load_slot(slot, {}, 0),
+            failure_ttl=config.adapter_failure_ttl,
+            on_failure=lambda name, message: self.scheduler.fail_adapter(name, message),
+            on_ready=lambda name: self.wake.set(),
+        )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_active_adapters=config.max_active_adapters,
             blocks=self.blocks,
-            residency=StaticResidency(self.adapter_slot),
+            residency=self.adapter_cache,
             prefill_chunk_size=config.prefill_chunk_size,
             max_wait_steps=config.max_wait_steps,
         )
+        # Adapters named on the command line are read and validated now (a broken one stops the start,
+        # naming the cause) and the first max_active_adapters of them go straight into device slots.
+        for name, _ in config.adapters:
+            self.adapter_cache.load(name, wait=600.0)
+        self.adapter_cache.install_ready()
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
+        self.last_step_ran = False  # False: the last step had nothing to run (e.g. adapters still loading)
         # (num tokens fed, num sequences, seconds) per step when a caller sets a list here (benchmarks)
         self.step_log: list[tuple[int, int, float]] | None = None
 
@@ -162,12 +176,17 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def is_base(self, adapter: str | None) -> bool:
+        return adapter is None or adapter == self.model_name
+
     def slot_of(self, adapter: str | None) -> int:
-        if adapter is None or adapter == self.model_name:
+        """Device slot of a resident adapter (-1 for the base model); raises when it is not resident."""
+        if self.is_base(adapter):
             return -1
-        if adapter not in self.adapter_slot:
-            raise AdapterNotFoundError(adapter, f"unknown adapter; known: {sorted(self.adapter_slot)}")
-        return self.adapter_slot[adapter]
+        slot = self.adapter_cache.slot_of(adapter)
+        if slot is None:
+            raise AdapterNotFoundError(adapter, "adapter is not resident in a device slot")
+        return slot
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(
@@ -186,13 +205,16 @@ class Engine:
             )
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise InvalidRequestError(f"token ids must be in [0, {self.spec.vocab_size})", param="prompt")
-        slot = self.slot_of(adapter)
+        if not self.is_base(adapter):
+            error = self.adapter_cache.admission_error(adapter)
+            if error is not None:
+                raise error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracks:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         self._tracks[request_id] = _Track(make_generator(params.seed), detok, StopMatcher(params.stop))
-        request = Request(request_id, ids, params, None if slot < 0 else adapter)
+        request = Request(request_id, ids, params, None if self.is_base(adapter) else adapter)
         self.scheduler.add(request)
         return request
 
@@ -207,8 +229,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns what each touched request produced (finished ones included)."""
         t0 = time.perf_counter()
+        self.adapter_cache.install_ready()  # device slot writes happen here, between forward passes
         batch = self.scheduler.schedule()
         outputs = [self._output(r) for r in (*batch.aborted, *batch.failed)]
+        self.last_step_ran = bool(batch.seqs)
         if not batch.seqs:
             return outputs
         try:
@@ -302,7 +326,11 @@ class Engine:
         logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in requests}
         try:
             while self.has_work():
-                for out in self.step():
+                outputs = self.step()
+                if not self.last_step_ran:  # waiting on an adapter load: do not spin
+                    self.wake.wait(0.005)
+                    self.wake.clear()
+                for out in outputs:
                     if out.request_id in texts:
                         texts[out.request_id].append(out.new_text)
                         logprobs[out.request_id].extend(out.new_logprobs or [])

@@ -238,11 +238,13 @@ class Scheduler:
 
     def fail_adapter(self, adapter: str, message: str) -> list[Request]:
         """Fail every waiting request for `adapter` (the engine calls this when its load failed, which
-        would otherwise leave them waiting forever). Returns them; running ones are untouched."""
+        would otherwise leave them waiting forever). Returns them, and reports them in the next
+        schedule()'s batch.failed so their streams end; running ones are untouched."""
         with self._lock:
             hit = [r for r in self._waiting if r.adapter == adapter]
             for r in hit:
                 self._finish(r, "error", message)
+            self._failed.extend(hit)
             self._load_asked.pop(adapter, None)
             return hit
 
