@@ -109,8 +109,8 @@ class RMSNorm(nn.Module):
 class LoraLinear(nn.Module):
     """A frozen (possibly fused) Linear plus stacked LoRA slot buffers for each of its output slices.
 
-    On a 16-bit CPU model the base W is used through a oneDNN-packed copy (self.packed) and lora_a is a
-    buffer of its own. Otherwise, after allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
+    On a 16-bit CPU model a oneDNN-packed copy of W (self.packed, memory: one more copy of the linear
+    weights) serves base-only and single-adapter steps. After allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
     followed by every slot's A rows, so on CPU the shrink can share the base matmul (kernels.lora_linear):
       weight = weight_ext[:out_total]                               # [out_total, in]
       lora_a = weight_ext[out_total:] as [num_slots, num_slices, r_max, in]
@@ -138,11 +138,6 @@ class LoraLinear(nn.Module):
         # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
         b = torch.zeros(out, num_slots, r_max, dtype=w.dtype, device=w.device)
         self.lora_b = b.transpose(0, 1)
-        self.packed = pack_weight(w)
-        if self.packed is not None:  # 16-bit CPU: packed base matmul, LoRA on its own
-            self.lora_a = torch.zeros(num_slots, num_slices, r_max, in_f, dtype=w.dtype, device=w.device)
-            self.weight = nn.Parameter(torch.empty(0, in_f, dtype=w.dtype), requires_grad=False)  # the packed copy serves
-            return
         ext = torch.zeros(out + num_slots * num_slices * r_max, in_f, dtype=w.dtype, device=w.device)
         ext[:out] = w
         self.weight_ext = ext
@@ -153,9 +148,12 @@ class LoraLinear(nn.Module):
             self.bias_ext = bias_ext
             self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
         self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
+        self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and (meta is None or meta.num_active == 1):
+            # Base-only or single-adapter steps: the packed base matmul, then the LoRA delta on its own.
+            # With several adapters the shrink riding in the (unpacked) base matmul wins (lora_linear).
             y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
             if meta is not None:
                 lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)

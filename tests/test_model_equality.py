@@ -87,3 +87,28 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
         ref, margin = reference_greedy(base, adapter if name else None, prompt, MAX_NEW)
         assert margin > 1e-3
         assert res.token_ids == ref, f"adapter={name} prompt_len={len(prompt)}"
+
+
+def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
+    """16-bit CPU models take the oneDNN-packed base matmul for base-only and single-adapter steps:
+    its logits match the plain path's (packing off) in base-only, one-adapter and many-adapter steps."""
+    arch, base, adapters = arch_setup
+    names = list(adapters)
+    cfg = Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="bfloat16", max_lora_rank=16)
+    packed = Engine(cfg)
+    monkeypatch.setenv("LORAPLEX_CPU_PACKED_LINEAR", "0")
+    plain = Engine(cfg)
+    if packed.model.layers[0].qkv.packed is None:
+        pytest.skip("no oneDNN packed linear in this torch build")
+    assert plain.model.layers[0].qkv.packed is None
+    prompts = _prompts(384)[:4]
+    for which in ([None] * 4, [names[2]] * 4, [names[0], None, names[2], names[4]]):
+        logits = []
+        for engine in (packed, plain):
+            step = []
+            for prompt, name in zip(prompts, which, strict=True):
+                blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(prompt), 0))
+                step.append(StepSeq(prompt, 0, blocks, engine.slot_of(name), True))
+            logits.append(engine.runner.run(step))
+        scale = logits[1].abs().max()
+        torch.testing.assert_close(logits[0], logits[1], atol=0.03 * scale, rtol=0, msg=f"{arch} {which}")
