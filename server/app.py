@@ -1,0 +1,221 @@
+"""The Starlette app: OpenAI-compatible and LoRAX-compatible generation, models and adapter admin,
+health / readiness / info / metrics, and `serve()` (uvicorn with a graceful, draining shutdown).
+
+    create_app(aengine)                       # an AsyncEngine that is already built
+    create_app(None, build_engine=factory)    # build it in a thread at startup; /ready is 503 until then
+
+Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream,
+/v1/load_lora_adapter, /v1/unload_lora_adapter (admin); GET /v1/models, /v1/models/{model}, /info,
+/health (alive: always 200), /ready (503 while loading or draining), /metrics (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import FrameType
+from typing import Any
+
+import prometheus_client
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import LoraplexError
+from .auth import Authenticator, KeyPolicy
+from .errors import error_response, handle_exception
+from .lorax_api import generate, generate_stream
+from .metrics import CONTENT_TYPE
+from .models_api import get_model, list_models, load_adapter, unload_adapter
+from .openai_api import chat_completions, completions
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+def create_app(
+    aengine: Any | None = None,
+    *,
+    build_engine: Callable[[], Any] | None = None,
+    on_build_failure: Callable[[BaseException], None] | None = None,
+    api_keys: Mapping[str, KeyPolicy] | None = None,
+    served_model_name: str | None = None,
+    max_queue: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
+    """The app. `aengine` (an AsyncEngine, started at app startup and stopped at shutdown), or
+    `build_engine` (called in a background thread at startup; `on_build_failure` hears if it raises).
+    `api_keys` maps each key to its KeyPolicy (None: no auth). `max_queue` caps waiting requests (429
+    past it); `max_body_bytes` caps request bodies (413)."""
+    state = ServerState(
+        aengine,
+        auth=Authenticator(api_keys),
+        served_model_name=served_model_name,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if state.aengine is not None:
+            state.aengine.start()
+        elif build_engine is not None:
+            loop = asyncio.get_running_loop()
+            threading.Thread(
+                target=_build,
+                args=(state, build_engine, loop, on_build_failure),
+                name="loraplex-build",
+                daemon=True,
+            ).start()
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            if state.aengine is not None:
+                await run_in_threadpool(_stop_engine, state.aengine)
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/generate_stream", generate_stream, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    handlers = {LoraplexError: handle_exception, HTTPException: handle_exception, Exception: handle_exception}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
+    app.state.loraplex = state
+    return app
+
+
+def _build(
+    state: ServerState, build_engine: Callable[[], Any], loop: asyncio.AbstractEventLoop, on_failure
+) -> None:
+    try:
+        aengine = build_engine()
+    except BaseException as exc:
+        log.exception("building the engine failed")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        for callback in (on_failure, state.on_fatal):
+            if callback is not None:
+                loop.call_soon_threadsafe(callback, exc)
+        return
+
+    def install() -> None:
+        if state.draining:  # shutting down before the engine was ready: never start it
+            return
+        aengine.start()
+        state.aengine = aengine
+        log.info("engine ready: %s", state.base_name)
+
+    loop.call_soon_threadsafe(install)
+
+
+def _stop_engine(aengine: Any) -> None:
+    aengine.stop()
+    cache = getattr(aengine.engine, "adapter_cache", None)
+    if cache is not None and hasattr(cache, "close"):
+        cache.close()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.loraplex
+
+
+# ---- probes and info ------------------------------------------------------------------------------
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+
+async def info(request: Request) -> Response:
+    state = _state(request)
+    try:
+        state.auth.check(request.headers.get("authorization"))
+    except LoraplexError as exc:
+        return error_response(exc)
+    out: dict[str, Any] = {"version": __version__, "ready": state.ready, "draining": state.draining}
+    engine = state.engine
+    if engine is not None:
+        cfg = engine.config
+        out.update(
+            model_id=state.base_name,
+            model_dtype=str(getattr(engine, "dtype", cfg.dtype)).removeprefix("torch."),
+            model_device_type=str(getattr(engine, "device", cfg.device)),
+            max_total_tokens=engine.max_model_len,
+            max_model_len=engine.max_model_len,
+            max_active_adapters=cfg.max_active_adapters,
+            max_lora_rank=cfg.max_lora_rank,
+            max_num_seqs=cfg.max_num_seqs,
+            max_queue=state.max_queue,
+            kv_cache_blocks=engine.blocks.num_blocks,
+            block_size=engine.blocks.block_size,
+        )
+    return JSONResponse(out)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+# ---- running it -----------------------------------------------------------------------------------
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown (stop accepting, let in-flight requests finish within
+    timeout_graceful_shutdown), plus: /ready turns 503 at the first signal, and SIGTERM/SIGINT end
+    with exit status 0 instead of being re-raised after the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.loraplex_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.loraplex_state.begin_drain()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def serve(
+    app: Starlette, host: str, port: int, shutdown_grace_seconds: float, log_level: str = "info"
+) -> int:
+    """Run the app until SIGTERM/SIGINT; returns the process exit status (1 if the engine failed to build)."""
+    state: ServerState = app.state.loraplex
+    prometheus_client.disable_created_metrics()  # no *_created series next to every counter
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=math.ceil(shutdown_grace_seconds),
+        lifespan="on",
+    )
+    server = _DrainingServer(config, state)
+    state.on_fatal = lambda exc: setattr(server, "should_exit", True)  # the engine did not build: exit 1
+    server.run()
+    return 1 if state.load_error is not None else 0

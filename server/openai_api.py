@@ -1,0 +1,268 @@
+"""POST /v1/completions and /v1/chat/completions (OpenAI shapes; streamed as SSE ending in [DONE])."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..scheduler.request import SamplingParams
+from .generation import Choice, EventStream, Job, sse, until_disconnect
+from .schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion
+from .state import Call, ServerState
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.loraplex
+    return await state.handle(request, "completions", lambda call, body: _completion(state, call, body))
+
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.loraplex
+    return await state.handle(request, "chat_completions", lambda call, body: _chat(state, call, body))
+
+
+def _params(
+    state: ServerState, sampling: Sampling, prompt_ids: list[int], logprobs: int | None
+) -> SamplingParams:
+    max_tokens = sampling.max_tokens
+    if max_tokens is None:  # chat default: the rest of the context
+        max_tokens = max(1, state.engine.max_model_len - len(prompt_ids))
+    state.check_fits(prompt_ids, max_tokens)
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling.params)
+
+
+async def _first_or_error(state: ServerState, call: Call, job: Job, adapter: str | None):
+    """Wait for the first output (so that an adapter that fails to load answers with an error status
+    instead of an empty 200 stream); closes the job on failure or disconnect."""
+    try:
+        first = await until_disconnect(job.next_event(), call.request.receive)
+    except BaseException:
+        await job.close()
+        raise
+    assert first is not None  # a job has at least one choice
+    choice, out = first
+    if out.finished and out.finish_reason == "error" and not choice.token_ids:
+        await job.close()
+        raise state.generation_error(adapter, out.error)
+    return first
+
+
+async def _finish(state: ServerState, call: Call, job: Job, adapter: str | None) -> None:
+    """Run a non-streaming job to the end (abort on disconnect); raise the first choice's error."""
+    try:
+        await until_disconnect(job.run_to_end(), call.request.receive)
+    finally:
+        await job.close()
+    failed = job.first_error()
+    if failed is not None:
+        raise state.generation_error(adapter, failed.error)
+
+
+# ---- completions ----------------------------------------------------------------------------------
+async def _completion(state: ServerState, call: Call, body: Any) -> Response:
+    req: CompletionRequest = parse_completion(body)
+    adapter = state.resolve_model(call, req.model)
+    model = call.label
+    prompts = [await state.encode(p) for p in req.prompts]
+    params = _params(state, req.sampling, prompts[0], req.logprobs)
+    for ids in prompts[1:]:
+        state.check_fits(ids, params.max_tokens)
+    job, rid = await state.start_job(call, adapter, prompts, params, req.sampling.n, "cmpl")
+    tokenizer = state.engine.tokenizer
+    n = req.sampling.n
+    echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in req.prompts]
+    created = int(time.time())
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+        if req.sampling.include_usage or usage is not None:
+            out["usage"] = usage
+        return out
+
+    if not req.sampling.stream:
+        await _finish(state, call, job, adapter)
+        choices = []
+        for c in job.choices:
+            echo = echoes[c.index // n]
+            lp = _completion_logprobs(tokenizer, c.logprobs, len(echo)) if req.logprobs is not None else None
+            choices.append(
+                {"index": c.index, "text": echo + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+            )
+        return JSONResponse(chunk(choices, job.usage))
+
+    first = await _first_or_error(state, call, job, adapter)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            offsets = {c.index: len(echoes[c.index // n]) for c in job.choices}
+            for c in job.choices:
+                if echoes[c.index // n]:
+                    yield sse(
+                        chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "text": echoes[c.index // n],
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
+            event = first
+            while event is not None:
+                c, out = event
+                if out.finish_reason == "error":
+                    yield sse(state.generation_error(adapter, out.error).to_openai())
+                elif out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids):
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = _completion_logprobs(tokenizer, out.new_logprobs or [], offsets[c.index])
+                        offsets[c.index] += sum(len(t) for t in lp["tokens"])
+                    finish = c.finish_reason if out.finished else None
+                    yield sse(
+                        chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "text": out.new_text,
+                                    "logprobs": lp,
+                                    "finish_reason": finish,
+                                }
+                            ]
+                        )
+                    )
+                event = await job.next_event()
+            if req.sampling.include_usage:
+                yield sse(chunk([], job.usage))
+            yield sse("[DONE]")
+        finally:
+            await job.close()
+
+    return EventStream(events(), state.stream_ended(call))
+
+
+def _completion_logprobs(tokenizer: Any, entries: list[tuple], offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for token_id, lp, top in entries:
+        text = tokenizer.decode([token_id])
+        tokens.append(text)
+        token_lps.append(_finite(lp))
+        tops.append({tokenizer.decode([t]): _finite(v) for t, v in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -9999.0
+
+
+# ---- chat -----------------------------------------------------------------------------------------
+async def _chat(state: ServerState, call: Call, body: Any) -> Response:
+    req: ChatRequest = parse_chat(body)
+    adapter = state.resolve_model(call, req.model)
+    model = call.label
+    ids = await state.chat_ids(req.messages)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(state, req.sampling, ids, logprobs)
+    job, rid = await state.start_job(call, adapter, [ids], params, req.sampling.n, "chatcmpl")
+    tokenizer = state.engine.tokenizer
+    created = int(time.time())
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        out = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        if req.sampling.include_usage or usage is not None:
+            out["usage"] = usage
+        return out
+
+    if not req.sampling.stream:
+        await _finish(state, call, job, adapter)
+        choices = [_chat_choice(c, tokenizer, req.logprobs) for c in job.choices]
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        return JSONResponse({**body, "usage": job.usage})
+
+    first = await _first_or_error(state, call, job, adapter)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for c in job.choices:
+                delta = {"role": "assistant", "content": ""}
+                yield sse(
+                    chunk([{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                )
+            event = first
+            while event is not None:
+                c, out = event
+                if out.finish_reason == "error":
+                    yield sse(state.generation_error(adapter, out.error).to_openai())
+                else:
+                    lp = (
+                        {"content": _chat_logprobs(tokenizer, out.new_logprobs or [])}
+                        if req.logprobs
+                        else None
+                    )
+                    if out.new_text or (lp and lp["content"]):
+                        delta = {"content": out.new_text}
+                        yield sse(
+                            chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                        )
+                    if out.finished:
+                        yield sse(
+                            chunk(
+                                [
+                                    {
+                                        "index": c.index,
+                                        "delta": {},
+                                        "logprobs": None,
+                                        "finish_reason": c.finish_reason,
+                                    }
+                                ]
+                            )
+                        )
+                event = await job.next_event()
+            if req.sampling.include_usage:
+                yield sse(chunk([], job.usage))
+            yield sse("[DONE]")
+        finally:
+            await job.close()
+
+    return EventStream(events(), state.stream_ended(call))
+
+
+def _chat_choice(c: Choice, tokenizer: Any, logprobs: bool) -> dict:
+    return {
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": {"content": _chat_logprobs(tokenizer, c.logprobs)} if logprobs else None,
+        "finish_reason": c.finish_reason,
+    }
+
+
+def _token_entry(tokenizer: Any, token_id: int, lp: float) -> dict:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+
+
+def _chat_logprobs(tokenizer: Any, entries: list[tuple]) -> list[dict]:
+    return [
+        {**_token_entry(tokenizer, t, lp), "top_logprobs": [_token_entry(tokenizer, a, v) for a, v in top]}
+        for t, lp, top in entries
+    ]

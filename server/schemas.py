@@ -1,0 +1,306 @@
+"""Request bodies of the OpenAI and LoRAX APIs, parsed by hand into small dataclasses.
+
+Every type or range error is an InvalidRequestError (400) naming the field, e.g. `'max_tokens' must
+be an integer >= 1`. Unknown fields are ignored (clients send extras such as `user`); fields whose
+meaning we would silently drop (tools, logit_bias, best_of > n...) are refused instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..scheduler.request import MAX_LOGPROBS
+from .errors import bad_field
+
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+_MISSING = object()
+
+
+class Fields:
+    """Typed reads from one JSON object; `where` prefixes nested names (`stream_options.include_usage`)."""
+
+    def __init__(self, data: Any, where: str = "") -> None:
+        if not isinstance(data, dict):
+            raise bad_field(where or "body", "must be a JSON object")
+        self.data, self.where = data, where
+
+    def _get(self, name: str) -> tuple[str, Any]:
+        return (f"{self.where}.{name}" if self.where else name), self.data.get(name)
+
+    def integer(
+        self, name: str, default: int | None = None, lo: int | None = None, hi: int | None = None
+    ) -> int | None:
+        param, value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad_field(param, "must be an integer")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise bad_field(param, _range_words(lo, hi, "an integer"))
+        return value
+
+    def number(
+        self, name: str, default: float | None = None, lo: float | None = None, hi: float | None = None
+    ) -> float | None:
+        param, value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise bad_field(param, "must be a number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise bad_field(param, _range_words(lo, hi, "a number"))
+        return float(value)
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        param, value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_field(param, "must be a boolean")
+        return value
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        param, value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise bad_field(param, "must be a string")
+        return value
+
+    def obj(self, name: str) -> Fields | None:
+        param, value = self._get(name)
+        return None if value is None else Fields(value, param)
+
+    def stop(self, name: str = "stop") -> tuple[str, ...]:
+        param, value = self._get(name)
+        if value is None:
+            return ()
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise bad_field(param, "must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOPS:
+            raise bad_field(param, f"may hold at most {MAX_STOPS} strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise bad_field(param, f"strings may be at most {MAX_STOP_CHARS} characters long")
+        return tuple(stops)
+
+    def refuse(self, name: str, why: str, allowed: tuple = (None,)) -> None:
+        """400 when `name` is set to anything but an allowed (no-op) value."""
+        param, value = self._get(name)
+        if value not in allowed and value != {} and value != []:
+            raise bad_field(param, why)
+
+
+def _range_words(lo: float | None, hi: float | None, what: str) -> str:
+    if lo is not None and hi is not None:
+        return f"must be {what} in [{lo}, {hi}]"
+    return f"must be {what} >= {lo}" if lo is not None else f"must be {what} <= {hi}"
+
+
+@dataclass
+class Sampling:
+    """What every API shares: the SamplingParams keywords (max_tokens apart) and how many choices."""
+
+    max_tokens: int | None  # None: the API's default (chat: the rest of the context)
+    params: dict[str, Any] = field(default_factory=dict)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _openai_sampling(f: Fields, max_tokens: int | None) -> Sampling:
+    params: dict[str, Any] = {
+        "temperature": f.number("temperature", 1.0, 0.0, 2.0),
+        "top_p": f.number("top_p", 1.0, 0.0, 1.0),
+        "frequency_penalty": f.number("frequency_penalty", 0.0, -2.0, 2.0),
+        "presence_penalty": f.number("presence_penalty", 0.0, -2.0, 2.0),
+        "seed": f.integer("seed", None, 0, MAX_SEED),
+        "stop": f.stop(),
+        # extensions (as vLLM names them)
+        "top_k": f.integer("top_k", 0, 0),
+        "min_p": f.number("min_p", 0.0, 0.0, 1.0),
+        "repetition_penalty": f.number("repetition_penalty", 1.0),
+        "ignore_eos": f.boolean("ignore_eos"),
+    }
+    if params["top_k"] == -1:  # vLLM spells "off" as -1
+        params["top_k"] = 0
+    n = f.integer("n", 1, 1, MAX_N) or 1
+    stream = f.boolean("stream")
+    options = f.obj("stream_options")
+    include_usage = bool(options and options.boolean("include_usage"))
+    f.refuse("logit_bias", "is not supported")
+    best_of = f.integer("best_of", None, 1)
+    if best_of is not None and best_of != n:
+        raise bad_field("best_of", "is not supported (it must equal n)")
+    return Sampling(max_tokens, params, n, stream, include_usage)
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]
+    echo: bool
+    logprobs: int | None
+    sampling: Sampling
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    f = Fields(body)
+    prompt = f.data.get("prompt")
+    if prompt is None:
+        raise bad_field("prompt", "is required")
+    prompts = _prompts(prompt)
+    max_tokens = f.integer("max_tokens", 16, 1)
+    sampling = _openai_sampling(f, max_tokens)
+    if len(prompts) * sampling.n > MAX_CHOICES:
+        raise bad_field("n", f"times the number of prompts must be at most {MAX_CHOICES}")
+    logprobs = f.integer("logprobs", None, 0, MAX_LOGPROBS)
+    echo = f.boolean("echo")
+    if echo and logprobs is not None:
+        raise bad_field("echo", "with logprobs is not supported (prompt logprobs are not computed)")
+    f.refuse("suffix", "is not supported", (None, ""))
+    return CompletionRequest(f.string("model"), prompts, echo, logprobs, sampling)
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """str | [str] | [int] | [[int]] -> a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            out: list[str | list[int]] = list(prompt)
+        elif all(_is_int(t) for t in prompt):
+            out = [list(prompt)]
+        elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            out = [list(p) for p in prompt]
+        else:
+            out = []
+        if out and len(out) <= MAX_CHOICES:
+            return out
+        if len(out) > MAX_CHOICES:
+            raise bad_field("prompt", f"may hold at most {MAX_CHOICES} prompts")
+    raise bad_field(
+        "prompt", "must be a string, a list of strings, a list of token ids or a list of such lists"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[dict[str, str]]
+    logprobs: bool
+    top_logprobs: int | None
+    sampling: Sampling
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    f = Fields(body)
+    messages = _messages(f.data.get("messages"))
+    max_tokens = f.integer("max_tokens", None, 1)
+    max_tokens = f.integer("max_completion_tokens", max_tokens, 1)
+    sampling = _openai_sampling(f, max_tokens)
+    logprobs = f.boolean("logprobs")
+    top = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad_field("top_logprobs", "needs 'logprobs' set to true")
+    for name in ("tools", "functions"):
+        f.refuse(name, "is not supported (no tool calling)")
+    f.refuse("tool_choice", "is not supported (no tool calling)", (None, "none", "auto"))
+    fmt = f.obj("response_format")
+    if fmt is not None and fmt.string("type", "text") != "text":
+        raise bad_field("response_format.type", "is not supported (only 'text')")
+    return ChatRequest(f.string("model"), messages, logprobs, top, sampling)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise bad_field("messages", "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        mf = Fields(m, f"messages[{i}]")
+        role = mf.string("role")
+        if role not in CHAT_ROLES:
+            raise bad_field(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        out.append({"role": role, "content": _content(mf.data.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def _content(value: Any, param: str) -> str:
+    """A message's content: a string, or a list of text parts (joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            pf = Fields(part, f"{param}[{j}]")
+            if pf.string("type") != "text":
+                raise bad_field(f"{param}[{j}].type", "is not supported (only 'text' parts)")
+            texts.append(pf.string("text") or "")
+        return "".join(texts)
+    raise bad_field(param, "must be a string or a list of text parts")
+
+
+@dataclass
+class GenerateRequest:
+    """LoRAX / TGI `{"inputs", "parameters": {...}}`."""
+
+    inputs: str
+    adapter: str | None
+    details: bool
+    return_full_text: bool
+    sampling: Sampling
+
+
+def parse_generate(body: Any) -> GenerateRequest:
+    f = Fields(body)
+    inputs = f.string("inputs")
+    if not inputs:
+        raise bad_field("inputs", "is required and must be a non-empty string")
+    p = f.obj("parameters") or Fields({}, "parameters")
+    source = p.string("adapter_source")
+    if source not in (None, "local", "hub"):
+        raise bad_field("parameters.adapter_source", "must be 'local' or 'hub' (adapters are served by name)")
+    adapter = p.string("adapter_id") or None
+    temperature = p.number("temperature", None, 0.0)
+    top_p = p.number("top_p", None, 0.0, 1.0)
+    top_k = p.integer("top_k", None, 0)
+    # TGI samples when asked to, or when any warper differs from its neutral value.
+    do_sample = (
+        p.boolean("do_sample") or temperature not in (None, 1.0) or (top_p or 1.0) < 1.0 or bool(top_k)
+    )
+    if temperature == 0:
+        do_sample = False
+    params: dict[str, Any] = {
+        "temperature": (1.0 if temperature is None else temperature) if do_sample else 0.0,
+        "top_p": top_p if top_p is not None else 1.0,
+        "top_k": top_k or 0,
+        "seed": p.integer("seed", None, 0, MAX_SEED),
+        "stop": p.stop("stop"),
+        "repetition_penalty": p.number("repetition_penalty", 1.0),
+        "frequency_penalty": p.number("frequency_penalty", 0.0, -2.0, 2.0),
+        "presence_penalty": p.number("presence_penalty", 0.0, -2.0, 2.0),
+        "ignore_eos": p.boolean("ignore_eos_token"),
+    }
+    best_of = p.integer("best_of", None, 1)
+    if best_of not in (None, 1):
+        raise bad_field("parameters.best_of", "is not supported")
+    p.refuse("watermark", "is not supported", (None, False))
+    p.refuse("typical_p", "is not supported", (None, 1, 1.0))
+    p.refuse("decoder_input_details", "is not supported", (None, False))
+    p.refuse("response_format", "is not supported")
+    max_new = p.integer("max_new_tokens", 20, 1)
+    sampling = Sampling(max_new, params)
+    return GenerateRequest(inputs, adapter, p.boolean("details"), p.boolean("return_full_text"), sampling)

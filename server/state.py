@@ -1,0 +1,247 @@
+"""ServerState: the engine (once built), limits, auth, metrics and the steps every endpoint shares
+(authenticate, read the body, resolve the model, tokenize, check the queue, submit a job).
+
+The engine is duck-typed (server/ never imports torch): `aengine.submit/abort/start/stop` and
+`aengine.engine` with `model_name`, `max_model_len`, `encode`, `chat_prompt`, `adapter_cache`,
+`scheduler` and `blocks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import AdapterError, AdapterNotFoundError, InvalidRequestError, LoraplexError
+from ..scheduler.request import SamplingParams
+from .auth import Authenticator, KeyPolicy
+from .errors import (
+    ModelNotFoundError,
+    QueueFullError,
+    ServiceUnavailableError,
+    error_response,
+    to_loraplex_error,
+)
+from .generation import ClientGone, EventStream, Job, read_json
+from .metrics import ServerMetrics
+from .schemas import MAX_SEED
+
+log = logging.getLogger(__name__)
+
+# Text longer than this is tokenized in a worker thread, so a huge prompt does not stall the loop.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+@dataclass
+class Call:
+    """One HTTP request on its way through a handler."""
+
+    request: Request
+    endpoint: str
+    policy: KeyPolicy | None = None  # set once authenticated
+    label: str = ""  # the resolved model name, for metrics ("" until resolved)
+
+
+class ServerState:
+    def __init__(
+        self,
+        aengine: Any | None,
+        *,
+        auth: Authenticator,
+        served_model_name: str | None,
+        max_queue: int | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.aengine = aengine
+        self.auth = auth
+        self.served_model_name = served_model_name
+        self.max_queue = max_queue
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+        self.load_error: str | None = None
+        self.started_at = int(time.time())
+        self.dynamic_adapters: set[str] = set()  # registered through /v1/load_lora_adapter
+        self.on_fatal: Callable[[BaseException], None] | None = None  # the engine failed to build
+        self.metrics = ServerMetrics(lambda: self.engine, self.status)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Any:  # None until built
+        return None if self.aengine is None else self.aengine.engine
+
+    @property
+    def ready(self) -> bool:
+        return self.aengine is not None and not self.draining
+
+    def status(self) -> dict[str, bool]:
+        return {"ready": self.ready, "draining": self.draining}
+
+    def begin_drain(self) -> None:
+        """Shutdown started: /ready answers 503 and new generation requests are refused."""
+        self.draining = True
+
+    @property
+    def base_name(self) -> str:
+        assert self.engine is not None
+        return self.served_model_name or self.engine.model_name
+
+    def is_base(self, name: str) -> bool:
+        return name in (self.base_name, self.engine.model_name)
+
+    # ---- the shared handler frame -------------------------------------------------------------------
+    async def handle(
+        self,
+        request: Request,
+        endpoint: str,
+        handler: Callable[[Call, Any], Awaitable[Response]],
+        *,
+        admin: bool = False,
+        read_body: bool = True,
+    ) -> Response:
+        """Authenticate, require a built engine, read the JSON body, run `handler(call, body)`; every
+        error becomes the OpenAI error body. Counts the request in the metrics (streams when they end)."""
+        call = Call(request, endpoint)
+        try:
+            header = request.headers.get("authorization")
+            call.policy = self.auth.check_admin(header) if admin else self.auth.check(header)
+            self.require_engine()
+            body = await read_json(request, self.max_body_bytes) if read_body else None
+            response = await handler(call, body)
+        except ClientGone:
+            self.metrics.count_request(endpoint, call.label, 499)
+            return Response(status_code=499)
+        except Exception as exc:
+            err = to_loraplex_error(exc)
+            self.metrics.count_request(endpoint, call.label, err.status)
+            return error_response(err)
+        if not isinstance(response, EventStream):
+            self.metrics.count_request(endpoint, call.label, response.status_code)
+        return response
+
+    def stream_ended(self, call: Call) -> Callable[[int], None]:
+        return lambda status: self.metrics.count_request(call.endpoint, call.label, status)
+
+    def require_engine(self) -> Any:
+        if self.draining:
+            raise ServiceUnavailableError("The server is shutting down.", code="draining")
+        if self.aengine is None:
+            if self.load_error is not None:
+                raise ServiceUnavailableError(
+                    f"The model failed to load: {self.load_error}", code="model_load_failed"
+                )
+            raise ServiceUnavailableError("The model is still loading; retry shortly.", code="model_loading")
+        return self.engine
+
+    # ---- model names --------------------------------------------------------------------------------
+    def resolve_model(self, call: Call, name: str | None) -> str | None:
+        """The adapter to use for `model` (None = the base model). Unknown and not-allowed names get the
+        same 404; a known adapter whose last load failed gets that failure (e.g. 422)."""
+        engine = self.require_engine()
+        name = self.base_name if name is None else name
+        if not name or call.policy is None or not call.policy.may_use(name):
+            raise ModelNotFoundError(name)
+        if self.is_base(name):
+            call.label = self.base_name
+            return None
+        error = engine.adapter_cache.admission_error(name)
+        if isinstance(error, AdapterNotFoundError):
+            raise ModelNotFoundError(name, None if self.auth.enabled else error.message)
+        if error is not None:
+            raise error
+        call.label = name
+        return name
+
+    # ---- prompts ------------------------------------------------------------------------------------
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        engine = self.require_engine()
+        if isinstance(prompt, list):
+            return list(prompt)
+        try:
+            if len(prompt) > INLINE_TOKENIZE_CHARS:
+                return await run_in_threadpool(engine.encode, prompt)
+            return engine.encode(prompt)
+        except LoraplexError:
+            raise
+        except Exception as exc:  # e.g. a lone surrogate the tokenizer cannot take
+            raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}", param="prompt") from exc
+
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        engine = self.require_engine()
+        size = sum(len(m["content"]) for m in messages)
+        try:
+            if size > INLINE_TOKENIZE_CHARS:
+                return await run_in_threadpool(engine.chat_prompt, messages)
+            return engine.chat_prompt(messages)
+        except LoraplexError:
+            raise
+        except Exception as exc:  # the chat template refused the conversation (jinja raise_exception...)
+            raise InvalidRequestError(f"the chat template failed: {exc}", param="messages") from exc
+
+    def check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """400 before queueing when the request can never run (the engine checks the context too)."""
+        engine = self.require_engine()
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        total = len(prompt_ids) + max_tokens
+        if total > engine.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {engine.max_model_len} tokens, but the prompt "
+                f"({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) asks for {total}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        capacity = engine.blocks.num_blocks * engine.blocks.block_size
+        if total > capacity:
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({total} tokens) is over the KV cache capacity ({capacity} tokens)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+    async def start_job(
+        self,
+        call: Call,
+        adapter: str | None,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        prefix: str,
+    ) -> tuple[Job, str]:
+        """Submit n engine requests per prompt (seed + j for choice j of a seeded request); on any
+        refusal, abort what was already submitted. Returns (job, response id)."""
+        engine = self.require_engine()
+        num = len(prompts) * n
+        if self.max_queue is not None and engine.scheduler.num_waiting + num > self.max_queue:
+            raise QueueFullError(
+                f"The server queue is full ({engine.scheduler.num_waiting} waiting, limit {self.max_queue}); retry shortly."
+            )
+        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        job = Job(self.aengine, self.metrics, adapter, call.label)
+        try:
+            for ids in prompts:
+                for j in range(n):
+                    p = params
+                    if params.seed is not None and j:
+                        p = replace(params, seed=(params.seed + j) % MAX_SEED)
+                    await job.submit(ids, p, f"{response_id}-{len(job.choices)}", first_of_prompt=j == 0)
+            await job.start()
+        except BaseException:
+            await job.close()
+            raise
+        return job, response_id
+
+    def generation_error(self, adapter: str | None, message: str | None) -> LoraplexError:
+        """The error to answer when an engine request ended with finish_reason 'error'."""
+        if adapter is not None:
+            cause = self.engine.adapter_cache.error_of(adapter)
+            if isinstance(cause, AdapterError):
+                return cause
+        return LoraplexError(f"generation failed: {message or 'unknown error'}", code="generation_failed")
