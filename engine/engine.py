@@ -139,6 +139,7 @@ class Engine:
             self.adapter_cache.load(name, wait=600.0)
         self.adapter_cache.install_ready()
         self._tracks: dict[str, _Track] = {}
+        self._chat_templates: dict[str, str | None] = {}  # adapter -> its own chat template, if any
         self._ids = itertools.count()
         self.last_step_ran = False  # False: the last step had nothing to run (e.g. adapters still loading)
         # (num tokens fed, num sequences, seconds) per step when a caller sets a list here (benchmarks)
@@ -169,12 +170,31 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` through the tokenizer's chat template, with the assistant turn opened."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    def chat_prompt(self, messages: list[dict], adapter: str | None = None) -> list[int]:
+        """Token ids of `messages` through the chat template, with the assistant turn opened. An adapter
+        that ships its own template (chat_template.jinja, or chat_template in tokenizer_config.json)
+        uses it; otherwise the base tokenizer's."""
+        template = None if self.is_base(adapter) else self._adapter_chat_template(adapter)
+        if self.tokenizer is None or not (template or getattr(self.tokenizer, "chat_template", None)):
             raise InvalidRequestError("this model has no chat template", param="messages")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=template
+        )
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _adapter_chat_template(self, adapter: str) -> str | None:
+        if adapter not in self._chat_templates:
+            path = self.adapter_cache.sources.resolve(adapter)  # raises for unknown / escaping names
+            template = None
+            if (path / "chat_template.jinja").is_file():
+                template = (path / "chat_template.jinja").read_text()
+            elif (path / "tokenizer_config.json").is_file():
+                found = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+                if isinstance(found, list):  # named templates: take the default one
+                    found = next((t.get("template") for t in found if t.get("name") == "default"), None)
+                template = found if isinstance(found, str) else None
+            self._chat_templates[adapter] = template
+        return self._chat_templates[adapter]
 
     def is_base(self, adapter: str | None) -> bool:
         return adapter is None or adapter == self.model_name

@@ -168,7 +168,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     req: ChatRequest = parse_chat(body)
     adapter = state.resolve_model(call, req.model)
     model = call.label
-    ids = await state.chat_ids(req.messages)
+    ids = await state.chat_ids(req.messages, adapter)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(state, req.sampling, ids, logprobs)
     job, rid = await state.start_job(call, adapter, [ids], params, req.sampling.n, "chatcmpl")

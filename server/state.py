@@ -172,13 +172,14 @@ class ServerState:
         except Exception as exc:  # e.g. a lone surrogate the tokenizer cannot take
             raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}", param="prompt") from exc
 
-    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    async def chat_ids(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        """Token ids through the chat template (the adapter's own when it ships one)."""
         engine = self.require_engine()
         size = sum(len(m["content"]) for m in messages)
         try:
             if size > INLINE_TOKENIZE_CHARS:
-                return await run_in_threadpool(engine.chat_prompt, messages)
-            return engine.chat_prompt(messages)
+                return await run_in_threadpool(engine.chat_prompt, messages, adapter)
+            return engine.chat_prompt(messages, adapter)
         except LoraplexError:
             raise
         except Exception as exc:  # the chat template refused the conversation (jinja raise_exception...)

@@ -39,6 +39,8 @@ PROMPTS = ["hello world", "What is the capital of France?", "the quick brown fox
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     base, adapters = make_world(root, NUM_ADAPTERS)
+    # a1 ships its own chat template (as a fine-tune with its own prompt format would)
+    (adapters / "a1" / "chat_template.jinja").write_text(OWN_TEMPLATE)
     (adapters / "broken").mkdir()  # discovered like any adapter; its load fails (422)
     (adapters / "broken" / "adapter_config.json").write_text("{not json")
     keys = root / "keys.json"
@@ -118,6 +120,9 @@ def reference(engine, prompts, adapters, max_tokens=12, **kw) -> list[str]:
     adapters = [None if a in (None, BASE) else a for a in adapters]
     results = engine.generate(prompts, adapters, SamplingParams(max_tokens=max_tokens, **kw))
     return [r.text for r in results]
+
+
+OWN_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}[assistant]"
 
 
 def chat_ids(engine, text):
@@ -337,7 +342,7 @@ def test_64_concurrent_clients_over_16_adapters(server, engine):
     jobs = []  # (adapter, chat?, stream?, prompt text)
     for i in range(64):
         jobs.append((f"a{i % NUM_ADAPTERS}", i % 3 == 0, i % 2 == 0, f"{PROMPTS[i % 4]} {i}"))
-    prompts = [chat_ids(engine, p) if chat else p for _, chat, _, p in jobs]
+    prompts = [engine.chat_prompt([{"role": "user", "content": p}], a) if chat else p for a, chat, _, p in jobs]
     refs = reference(engine, prompts, [a for a, *_ in jobs], max_tokens=10)
     before = metrics(server)
 
@@ -661,3 +666,16 @@ def test_sigterm_lets_the_stream_finish_then_exits_0(plain_server):
     assert plain_server.proc.wait(30) == 0, plain_server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{plain_server.url}/health", timeout=2)
+
+
+def test_adapter_with_its_own_chat_template_uses_it(server, engine):
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    own = engine.chat_prompt(messages, "a1")
+    assert own == engine.tokenizer.encode(f"[user] {PROMPTS[2]} [assistant]", add_special_tokens=False)
+    assert own != engine.chat_prompt(messages)  # the base template differs
+    (ref,) = reference(engine, [own], ["a1"])
+    r = c.chat.completions.create(model="a1", messages=messages, max_tokens=12, temperature=0)
+    assert r.usage.prompt_tokens == len(own) and r.choices[0].message.content == ref
+    r = c.chat.completions.create(model="a2", messages=messages, max_tokens=12, temperature=0)
+    assert r.usage.prompt_tokens == len(engine.chat_prompt(messages))  # others keep the base template
