@@ -1,4 +1,4 @@
-# loraplex on a CUDA host. Build: docker build -t loraplex .   Run: docker run --gpus all -p 8000:8000 loraplex
+# loraplex on a CUDA host. Build: docker build -t loraplex .   Run: docker run --gpus all -p 8000:8000 -v models:/models loraplex
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
@@ -17,5 +17,7 @@ RUN pip install torch==2.11.0 \
 RUN useradd --create-home --uid 1000 loraplex && mkdir -p /models && chown loraplex /models
 USER loraplex
 VOLUME ["/models"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
 ENTRYPOINT ["loraplex"]
-CMD ["generate", "--chat", "--prompt", "Hello!"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
