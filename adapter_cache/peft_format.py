@@ -183,7 +183,7 @@ def load_peft_adapter(
         module_key = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
         alpha = float(_pattern_value(cfg.get("alpha_pattern", {}), module_key, alpha_default))
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        weights[(layer, module)] = (a.to(dtype), (b.double() * scale).to(dtype))
+        weights[(layer, module)] = (a.to(dtype), (b.float() * scale).to(dtype))
         rank = max(rank, r)
     targets = sorted({m for _, m in weights})
     return LoraAdapter(
