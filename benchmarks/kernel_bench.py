@@ -1,16 +1,17 @@
-"""Kernel benchmark: Triton lora_shrink + lora_expand vs the torch reference vs the base matmul (CUDA only).
+"""LoRA kernel benchmark on 7-8B-model shapes: the fused projections of one layer (q|k|v 4096 -> 4096/1024/
+1024, o 4096 -> 4096, gate|up 4096 -> 14336/14336, down 14336 -> 4096), tokens spread round-robin over
+1..64 distinct adapters, rank 8..64. For each case it times
+    triton: h = lora_shrink(x, A, meta); lora_expand(y, h, B, offsets, meta)      (CUDA only)
+    torch:  lora_apply(...) through the torch reference (the CPU path)
+and compares both with the memory floor: bytes of the distinct adapters' A and B plus x read and y read
+and written, over the device's copy bandwidth measured in the same run.
 
-For each shape it times, on one fused-projection-free linear (hidden -> hidden):
-    base:   y = x @ W.T                                       (the frozen base layer)
-    triton: h = lora_shrink(x, A, meta); lora_expand(y, h, B, [0, hidden], meta)
-    torch:  lora_apply_ref(y, x, A, B, [0, hidden], meta)     (one matmul pair per distinct adapter)
-Decode: one token per sequence, batch 1..256; prefill: whole prompts. Tokens are spread over 1/8/32/64
-distinct adapters (fewer when there are fewer sequences), rank 16 and 64. Metadata is built outside
-the timed region: the engine builds it once per step and shares it across every layer.
+    python benchmarks/kernel_bench.py [--dtype bfloat16] [--out benchmarks/out/kernel_bench.json] [--write-results]
 
-    python benchmarks/kernel_bench.py [--out benchmarks/out/kernel_bench.json] [--dtype bfloat16]
-
-Not a test; prints that it needs CUDA and exits 0 elsewhere.
+Runs on CUDA when available (Triton + torch), else on CPU (torch reference only, a smaller sweep).
+--write-results puts the table into benchmarks/RESULTS.md (between the kernel-benchmark markers).
+Not a test. (Named kernel_bench.py, not kernels.py: a top-level `kernels` module on sys.path would
+shadow the Hugging Face `kernels` package that transformers probes for.)
 """
 
 from __future__ import annotations
@@ -18,125 +19,140 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import platform
+import time
 from pathlib import Path
 
 import torch
 
-HIDDEN = 4096
-NUM_SLOTS = 64
-DECODE_BATCHES = [1, 8, 32, 64, 128, 256]
-PREFILL_SHAPES = [(1, 512), (4, 512), (16, 512)]  # (num_seqs, prompt_len)
-ADAPTER_COUNTS = [1, 8, 32, 64]
-RANKS = [16, 64]
+PROJECTIONS = {  # name: (in_features, output slice widths)
+    "qkv": (4096, [4096, 1024, 1024]),
+    "o": (4096, [4096]),
+    "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+MARK_BEGIN, MARK_END = "<!-- kernel-bench:begin -->", "<!-- kernel-bench:end -->"
 
 
-def bench_one(
-    phase: str, num_seqs: int, seq_len: int, num_adapters: int, rank: int, dtype: torch.dtype, weights: dict
-) -> dict:
-    import triton.testing
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second for a large device-to-device copy."""
+    a = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    a.fill_(1)
+    seconds = median_seconds(lambda: b.copy_(a), device, repeats=5)
+    return 2 * a.numel() / seconds
 
+
+def median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_case(proj: str, num_tokens: int, num_adapters: int, rank: int, dtype, device, bandwidth: float) -> dict:
     from loraplex.kernels import build_lora_meta, lora_apply_ref
-    from loraplex.kernels.lora_expand import lora_expand
-    from loraplex.kernels.lora_shrink import lora_shrink
 
-    num_tokens = num_seqs * seq_len
-    # Sequence j uses adapter slot j % num_adapters; all of a sequence's tokens share its adapter.
-    token_slot = [(t // seq_len) % num_adapters for t in range(num_tokens)]
-    meta = build_lora_meta(token_slot, [rank] * NUM_SLOTS, device="cuda")
-    lora_a, lora_b, base_w = weights["a"][rank], weights["b"][rank], weights["w"]
-    x = torch.randn(num_tokens, HIDDEN, device="cuda", dtype=dtype)  # [T, hidden]
-    y = torch.zeros(num_tokens, HIDDEN, device="cuda", dtype=dtype)  # [T, hidden]
-    offsets = [0, HIDDEN]
+    in_f, slices = PROJECTIONS[proj]
+    offsets = [0]
+    for w in slices:
+        offsets.append(offsets[-1] + w)
+    out_total = offsets[-1]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # Random data, not zeros: zeros can run faster than real data and hide unwritten outputs.
+    lora_a = (torch.randn(num_adapters, len(slices), rank, in_f, generator=g) / in_f**0.5).to(device, dtype)
+    lora_b = (torch.randn(num_adapters, out_total, rank, generator=g) / rank**0.5).to(device, dtype)
+    x = torch.randn(num_tokens, in_f, generator=g).to(device, dtype)  # [T, in]
+    y = torch.randn(num_tokens, out_total, generator=g).to(device, dtype)  # [T, out_total]
+    meta = build_lora_meta([t % num_adapters for t in range(num_tokens)], [rank] * num_adapters, device=device)
+    active = min(num_adapters, num_tokens)
+    elem = x.element_size()
+    floor_bytes = active * (len(slices) * rank * in_f + out_total * rank) * elem + (x.numel() + 2 * y.numel()) * elem
+    row = dict(proj=proj, tokens=num_tokens, adapters=num_adapters, rank=rank, floor_us=floor_bytes / bandwidth * 1e6)
+    row["torch_us"] = median_seconds(lambda: lora_apply_ref(y, x, lora_a, lora_b, offsets, meta), device) * 1e6
+    if device.type == "cuda":
+        from loraplex.kernels.lora_expand import lora_expand
+        from loraplex.kernels.lora_shrink import lora_shrink
 
-    def run_base() -> None:
-        torch.matmul(x, base_w.T, out=y)
+        def run_triton() -> None:
+            lora_expand(y, lora_shrink(x, lora_a, meta), lora_b, offsets, meta)
 
-    def run_triton() -> None:
-        h = lora_shrink(x, lora_a, meta)  # [T, 1, rank] fp32
-        lora_expand(y, h, lora_b, offsets, meta)
-
-    def run_torch() -> None:
-        lora_apply_ref(y, x, lora_a, lora_b, offsets, meta)
-
-    # One correctness check per shape, against the reference, before timing.
-    y_tri, y_ref = torch.zeros_like(y), torch.zeros_like(y)
-    lora_expand(y_tri, lora_shrink(x, lora_a, meta), lora_b, offsets, meta)
-    lora_apply_ref(y_ref, x, lora_a, lora_b, offsets, meta)
-    max_abs_diff = (y_tri.float() - y_ref.float()).abs().max().item()
-
-    def time_us(fn) -> float:
-        return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    base_us, triton_us, torch_us = time_us(run_base), time_us(run_triton), time_us(run_torch)
-    return {
-        "phase": phase,
-        "num_seqs": num_seqs,
-        "num_tokens": num_tokens,
-        "distinct_adapters": meta.num_active,
-        "rank": rank,
-        "base_us": round(base_us, 2),
-        "triton_us": round(triton_us, 2),
-        "torch_us": round(torch_us, 2),
-        "triton_over_base": round(triton_us / base_us, 3),
-        "torch_over_base": round(torch_us / base_us, 3),
-        "max_abs_diff_vs_torch": max_abs_diff,
-    }
+        row["triton_us"] = median_seconds(run_triton, device) * 1e6
+        row["triton_vs_torch"] = row["torch_us"] / row["triton_us"]
+        row["triton_floor_frac"] = row["floor_us"] / row["triton_us"]
+    row["torch_floor_frac"] = row["floor_us"] / row["torch_us"]
+    return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/out/kernel_bench.json", help="where to write the JSON")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernel_bench: needs a CUDA device (and TRITON_INTERPRET unset); nothing to do.")
-        return 0
+def table(rows: list[dict], has_triton: bool) -> str:
+    head = "| proj | tokens | adapters | rank | floor us | torch us | torch % floor |"
+    head += " triton us | triton % floor | triton / torch speed-up |" if has_triton else ""
+    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (
+            f"| {r['proj']} | {r['tokens']} | {r['adapters']} | {r['rank']} | {r['floor_us']:.1f} | "
+            f"{r['torch_us']:.1f} | {100 * r['torch_floor_frac']:.0f}% |"
+        )
+        if has_triton:
+            line += f" {r['triton_us']:.1f} | {100 * r['triton_floor_frac']:.0f}% | {r['triton_vs_torch']:.1f}x |"
+        lines.append(line)
+    return "\n".join(lines)
 
-    import triton
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", default="benchmarks/out/kernel_bench.json")
+    ap.add_argument("--write-results", action="store_true", help="put the table into benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    weights = {
-        "w": torch.randn(HIDDEN, HIDDEN, device="cuda", dtype=dtype) / HIDDEN**0.5,  # [out, in]
-        # [num_slots, 1 slice, rank, hidden] and [num_slots, hidden, rank], one stacked buffer per rank
-        "a": {
-            r: torch.randn(NUM_SLOTS, 1, r, HIDDEN, device="cuda", dtype=dtype) / HIDDEN**0.5 for r in RANKS
-        },
-        "b": {r: torch.randn(NUM_SLOTS, HIDDEN, r, device="cuda", dtype=dtype) / r**0.5 for r in RANKS},
-    }
-    shapes = [("decode", b, 1) for b in DECODE_BATCHES] + [("prefill", n, s) for n, s in PREFILL_SHAPES]
+    if device.type == "cuda":
+        tokens, adapter_counts, ranks = [1, 16, 64, 256, 512], [1, 8, 32, 64], [8, 16, 64]
+        name = torch.cuda.get_device_name()
+    else:  # the torch reference on 2 CPU cores: a smaller sweep keeps it to a few minutes
+        tokens, adapter_counts, ranks = [1, 64, 512], [1, 8, 32, 64], [16]
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    bandwidth = copy_bandwidth(device)
+    print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); dtype {args.dtype}", flush=True)
     rows = []
-    header = f"{'phase':8} {'tokens':>6} {'adapt':>5} {'rank':>4} {'base_us':>9} {'triton_us':>9} {'torch_us':>9} {'tri/base':>8} {'torch/base':>10}"
-    print(header)
-    print("-" * len(header))
-    for phase, num_seqs, seq_len in shapes:
-        for rank in RANKS:
-            # With fewer sequences than adapters, only num_seqs adapters are distinct: measure each count once.
-            for num_adapters in sorted({min(a, num_seqs) for a in ADAPTER_COUNTS}):
-                row = bench_one(phase, num_seqs, seq_len, num_adapters, rank, dtype, weights)
-                rows.append(row)
-                print(
-                    f"{row['phase']:8} {row['num_tokens']:>6} {row['distinct_adapters']:>5} {row['rank']:>4} "
-                    f"{row['base_us']:>9.1f} {row['triton_us']:>9.1f} {row['torch_us']:>9.1f} "
-                    f"{row['triton_over_base']:>8.2f} {row['torch_over_base']:>10.2f}",
-                    flush=True,
-                )
+    for proj in PROJECTIONS:
+        for t in tokens:
+            for k in adapter_counts:
+                for r in ranks:
+                    row = bench_case(proj, t, k, r, dtype, device, bandwidth)
+                    rows.append(row)
+                    print(row, flush=True)
+    text = table(rows, device.type == "cuda")
+    print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "dtype": args.dtype,
-        "hidden": HIDDEN,
-        "num_slots": NUM_SLOTS,
-        "rows": rows,
-    }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    meta = dict(device=name, dtype=args.dtype, copy_bandwidth_bytes_per_s=bandwidth, torch=torch.__version__)
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
-    return 0
+    if args.write_results:
+        results = Path(__file__).with_name("RESULTS.md")
+        section = (
+            f"{MARK_BEGIN}\n`python benchmarks/kernel_bench.py --dtype {args.dtype} --write-results` on {name}, "
+            f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}:\n\n{text}\n{MARK_END}"
+        )
+        body = results.read_text()
+        if MARK_BEGIN in body:
+            body = body[: body.index(MARK_BEGIN)] + section + body[body.index(MARK_END) + len(MARK_END) :]
+        else:
+            body += f"\n## LoRA kernels (issue 5)\n\n{section}\n"
+        results.write_text(body)
+        print(f"updated {results}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from ..kernels import build_lora_meta
+from ..kernels import MetaBuffers, build_lora_meta
 from .attention import SeqSpan, build_attn_meta
 from .model import CausalLM, ModelSpec, write_lora_slot
 
@@ -52,6 +52,7 @@ class ModelRunner:
             for _ in range(spec.num_layers)
         ]
         self.slot_ranks = [0] * model.num_lora_slots
+        self.meta_buffers = MetaBuffers(self.device)  # per-step LoRA index arrays, reused every step
 
     @staticmethod
     def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -80,7 +81,7 @@ class ModelRunner:
                 logits_rows.append(row + n - 1)
         dev = self.device
         attn = build_attn_meta(spans, self.block_size, self.spec.sliding_window, dev)
-        lora = build_lora_meta(token_slot, self.slot_ranks, dev)
+        lora = build_lora_meta(token_slot, self.slot_ranks, dev, self.meta_buffers)
         return self.model(
             torch.tensor(token_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -10,11 +10,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .meta import LoraMeta, build_lora_meta
+from .meta import LoraMeta, MetaBuffers, build_lora_meta
 from .reference import lora_apply_ref, lora_expand_ref, lora_linear_cpu, lora_shrink_ref
 
 __all__ = [
     "LoraMeta",
+    "MetaBuffers",
     "build_lora_meta",
     "lora_apply",
     "lora_apply_ref",

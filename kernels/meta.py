@@ -47,10 +47,44 @@ class LoraMeta:
         return self.cache[key]
 
 
+class MetaBuffers:
+    """Preallocated storage for a step's LoRA index arrays. The four arrays are packed into one host
+    buffer (pinned on CUDA) and reach the device in one copy; the LoraMeta tensors are views into a
+    device buffer that is reused from step to step (grown only when a step needs more)."""
+
+    def __init__(self, device: torch.device | str, capacity: int = 4096) -> None:
+        self.device = torch.device(device)
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=on_cuda)
+        self.dev = torch.empty(capacity, dtype=torch.int64, device=self.device) if on_cuda else self.host
+
+    def pack(self, arrays: list[list[int]]) -> list[torch.Tensor]:
+        total = sum(len(a) for a in arrays)
+        if total > self.capacity:
+            self._allocate(max(total, 2 * self.capacity))
+        self.host[:total] = torch.tensor([v for a in arrays for v in a], dtype=torch.int64)
+        if self.dev is not self.host:
+            self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        views, start = [], 0
+        for a in arrays:
+            views.append(self.dev[start : start + len(a)])
+            start += len(a)
+        return views
+
+
 def build_lora_meta(
-    token_slot: list[int], slot_ranks: list[int] | None, device: torch.device | str = "cpu"
+    token_slot: list[int],
+    slot_ranks: list[int] | None,
+    device: torch.device | str = "cpu",
+    buffers: MetaBuffers | None = None,
 ) -> LoraMeta | None:
     """Group a step's tokens by slot. `slot_ranks[s]` is the rank loaded in slot s (None: unknown).
+    With `buffers` (the runner keeps one), the tensors are views into its preallocated storage: valid
+    until the next build with the same buffers.
 
     Returns None when no token uses an adapter (the whole step is base-only).
     """
@@ -69,14 +103,16 @@ def build_lora_meta(
     ranks = [slot_ranks[s] if slot_ranks is not None else -1 for s in slot_ids]
     is_single_full = len(slot_ids) == 1 and len(order) == len(token_slot)
 
-    def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
+    arrays = [list(token_slot), sorted_idx, slot_ids, seg_starts]
+    if buffers is not None:
+        tensors = buffers.pack(arrays)
+    else:
+        tensors = [torch.tensor(a, dtype=torch.int64, device=device) for a in arrays]
     return LoraMeta(
-        token_slot=as_tensor(list(token_slot)),
-        sorted_idx=as_tensor(sorted_idx),
-        slot_ids=as_tensor(slot_ids),
-        seg_starts=as_tensor(seg_starts),
+        token_slot=tensors[0],
+        sorted_idx=tensors[1],
+        slot_ids=tensors[2],
+        seg_starts=tensors[3],
         slot_ids_list=slot_ids,
         seg_starts_list=seg_starts,
         slot_ranks_list=ranks,

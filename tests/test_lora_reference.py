@@ -115,3 +115,22 @@ def test_packed_cpu_linear_equals_plain_linear():
         x = torch.randn(t, 40, generator=g).to(torch.bfloat16)
         assert torch.equal(packed_linear(x, packed, b), torch.nn.functional.linear(x, w, b))
     assert pack_weight(w.float()) is None  # float32 keeps the plain path
+
+
+def test_meta_in_preallocated_buffers_equals_fresh_meta():
+    """The runner's reused buffers give the same metadata as fresh tensors, step after step (and grow)."""
+    from loraplex.kernels import MetaBuffers
+
+    buffers = MetaBuffers("cpu", capacity=8)
+    g = torch.Generator().manual_seed(4)
+    for n in (5, 3, 40, 7):  # 40 tokens outgrow the initial capacity
+        token_slot = torch.randint(-1, 6, (n,), generator=g).tolist()
+        fresh = build_lora_meta(token_slot, [4] * 6)
+        reused = build_lora_meta(token_slot, [4] * 6, buffers=buffers)
+        if fresh is None:
+            assert reused is None
+            continue
+        for name in ("token_slot", "sorted_idx", "slot_ids", "seg_starts"):
+            assert torch.equal(getattr(fresh, name), getattr(reused, name)), name
+        assert reused.slot_ids_list == fresh.slot_ids_list and reused.is_single_full == fresh.is_single_full
+    assert buffers.capacity >= 40
