@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapter_cache.cache import AdapterCache
-from ..adapter_cache.peft_format import BaseShapes
 from ..adapter_cache.sources import AdapterSources
 from ..config import Config
 from ..errors import AdapterNotFoundError, InvalidRequestError
@@ -31,7 +30,7 @@ from ..scheduler.request import SamplingParams
 from ..scheduler.scheduler import Scheduler
 from ..scheduler.sequence import Request
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .loader import DTYPES, load_hf_config, load_model, resolve_model_dir
+from .loader import DTYPES, base_shapes, load_hf_config, load_model, resolve_model_dir
 from .runner import ModelRunner
 from .sampler import make_generator, sample_batch
 
@@ -103,7 +102,7 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
 
-        self.base_shapes = BaseShapes(self.model_name, self.spec.num_layers, self.spec.lora_shapes())
+        self.base_shapes = base_shapes(self.spec, self.model_name)
         self.model.allocate_lora_slots(config.max_active_adapters, config.max_lora_rank)
         block_bytes = ModelRunner.kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         num_blocks = max(2, int(config.kv_cache_gib * 2**30) // block_bytes)

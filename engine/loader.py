@@ -70,8 +70,11 @@ def load_hf_config(model_dir: Path):
 
 def base_shapes_of(model_dir: Path) -> BaseShapes:
     """What an adapter for the model in model_dir must fit (without loading its weights)."""
-    spec = ModelSpec.from_hf_config(load_hf_config(model_dir))
-    return BaseShapes(str(model_dir), spec.num_layers, spec.lora_shapes())
+    return base_shapes(ModelSpec.from_hf_config(load_hf_config(model_dir)), str(model_dir))
+
+
+def base_shapes(spec: ModelSpec, name: str) -> BaseShapes:
+    return BaseShapes(name, spec.num_layers, spec.lora_shapes())
 
 
 def _rope_params(cfg) -> tuple[torch.Tensor, float]:

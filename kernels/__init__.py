@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .meta import LoraMeta, MetaBuffers, build_lora_meta
-from .reference import lora_apply_ref, lora_expand_ref, lora_linear_cpu, lora_shrink_ref
+from .reference import lora_apply_ref, lora_linear_cpu
 
 __all__ = [
     "LoraMeta",
@@ -20,8 +20,6 @@ __all__ = [
     "lora_apply",
     "lora_apply_ref",
     "lora_linear",
-    "lora_expand_ref",
-    "lora_shrink_ref",
 ]
 
 

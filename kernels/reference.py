@@ -18,35 +18,6 @@ import torch.nn.functional as F
 
 from .meta import LoraMeta
 
-
-def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
-    """h[t, i, :] = x[t] @ lora_a[slot[t], i].T in float32; rows of slot -1 tokens are zero."""
-    num_slices, r_max = lora_a.shape[1], lora_a.shape[2]
-    h = torch.zeros(x.shape[0], num_slices, r_max, dtype=torch.float32, device=x.device)
-    for i, slot in enumerate(meta.slot_ids_list):
-        idx = meta.sorted_idx[meta.seg_starts_list[i] : meta.seg_starts_list[i + 1]]
-        xs = x.index_select(0, idx).float()  # [n, in]
-        h[idx] = torch.matmul(xs, lora_a[slot].float().transpose(-1, -2)).transpose(0, 1)
-    return h
-
-
-def lora_expand_ref(
-    y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slice_offsets: list[int], meta: LoraMeta
-) -> None:
-    """y[t, off[i]:off[i+1]] += h[t, i] @ lora_b[slot[t], off[i]:off[i+1]].T, in place."""
-    for i, slot in enumerate(meta.slot_ids_list):
-        idx = meta.sorted_idx[meta.seg_starts_list[i] : meta.seg_starts_list[i + 1]]
-        hs = h.index_select(0, idx)  # [n, num_slices, r_max]
-        delta = torch.cat(
-            [
-                hs[:, j] @ lora_b[slot, lo:hi].float().T
-                for j, (lo, hi) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False))
-            ],
-            dim=1,
-        )
-        y.index_add_(0, idx, delta.to(y.dtype))
-
-
 # Cost model of the CPU path (2-core x86 figures): a small matmul costs ~20 us of fixed overhead, and
 # multiply-adds run at ~1e11 flop/s. Used only to choose between two exact ways of computing the same sum.
 _CALL_SECONDS = 20e-6
@@ -140,10 +111,10 @@ def lora_linear_cpu(
     the same shapes, so the choice is made once per step and shape (cached on meta).
     """
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    key = ("plan", slice_offsets[-1], num_slices, r_max, in_f, lora_a.dtype == x.dtype)
+    key = ("plan", slice_offsets[-1], num_slices, r_max, in_f)
     plan = meta.cache.get(key)
     if plan is None:
-        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, meta, key[-1])
+        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, meta)
     out_total = slice_offsets[-1]
     if plan == "separate":
         y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
@@ -185,10 +156,8 @@ def lora_linear_cpu(
     return y
 
 
-def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, meta: LoraMeta, same_dtype: bool) -> str:
+def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, meta: LoraMeta) -> str:
     """Cheapest exact way under the cost model: 'separate' | 'fused-single' | 'fused-dense' | 'fused-grouped'."""
-    if not same_dtype:
-        return "separate"
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
     span = hi - lo + 1
     fused_shrink = 2 * t * (hi + 1) * num_slices * r_max * in_f / _FLOPS_PER_SECOND

@@ -94,7 +94,7 @@ def test_lora_linear_cpu_plans_match_loop(plan, bias):
     bias_ext = torch.cat([torch.randn(out_total, generator=g, dtype=torch.float64), torch.zeros(a.numel() // in_f, dtype=torch.float64)]) if bias else None
     offsets = [0, 20, 28, 36]
     meta = build_lora_meta(token_slot, ranks)
-    key = ("plan", out_total, 3, r_max, in_f, True)
+    key = ("plan", out_total, 3, r_max, in_f)
     meta.cache[key] = plan  # force the strategy under test
     y = lora_linear_cpu(x, weight_ext, bias_ext, lora_a, b, offsets, meta)
     base = x @ w.T + (bias_ext[:out_total] if bias else 0)
