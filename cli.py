@@ -1,4 +1,4 @@
-"""`loraplex` command line: serve (the HTTP server), generate, demo-adapters.
+"""`loraplex` command line: serve (the HTTP server), generate, bench (load test), demo-adapters.
 
 Every engine flag also reads a LORAPLEX_* environment variable (flag wins), e.g. LORAPLEX_MODEL,
 LORAPLEX_DTYPE, LORAPLEX_MAX_LORA_RANK; LORAPLEX_ADAPTERS takes NAME=SOURCE pairs separated by commas.
@@ -61,10 +61,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", d.max_num_seqs, int))
     p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB", d.kv_cache_gib, float))
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="an adapter name (from --adapter-dir or the Hub) to load during start, repeatable "
+        "(env LORAPLEX_PRELOAD: comma-separated); --adapter ones always are",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     raw = args.adapter if args.adapter is not None else [a for a in _env("ADAPTERS", "").split(",") if a]
+    preload = args.preload if args.preload is not None else [a for a in _env("PRELOAD", "").split(",") if a]
     return Config(
         model=args.model,
         adapters=tuple(parse_adapter_flag(a) for a in raw),
@@ -78,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_active_adapters=args.max_active_adapters,
         max_num_seqs=args.max_num_seqs,
         kv_cache_gib=args.kv_cache_gib,
+        preload=tuple(preload),
+        idle_offload_seconds=getattr(args, "idle_offload_seconds", None),
+        idle_offload=getattr(args, "idle_offload", "host"),
     )
 
 
@@ -208,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     s.add_argument(
+        "--idle-offload-seconds",
+        type=float,
+        default=_env("IDLE_OFFLOAD_SECONDS", None, float),
+        help="release the model's device memory after this many idle seconds; the next request "
+        "brings it back (default: never)",
+    )
+    s.add_argument(
+        "--idle-offload",
+        default=_env("IDLE_OFFLOAD", "host"),
+        choices=["host", "drop"],
+        help="host: keep host copies of the weights and adapters (fast wake-up); drop: keep nothing",
+    )
+    s.add_argument(
         "--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
     s.set_defaults(func=cmd_serve)
@@ -226,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string, repeatable")
     g.set_defaults(func=cmd_generate)
+
+    from .bench_cli import add_bench_args, cmd_bench
+
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible server (streamed; latency and throughput)")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser(
         "demo-adapters", help="write a few seeded PEFT adapters for the (default) model into DIR"

@@ -30,6 +30,9 @@ class Config:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     prefill_chunk_size: int | None = None  # None: a prompt chunk is whatever the step's token budget leaves
     max_wait_steps: int = 64  # fairness: a request passed over this many steps is admitted before newer ones
+    preload: tuple[str, ...] = ()  # adapter names (from adapter_dir or the Hub) loaded during start
+    idle_offload_seconds: float | None = None  # release the device copies after this long idle (None: never)
+    idle_offload: str = "host"  # host: keep host copies (fast wake) | drop: keep nothing (reload from disk)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -47,6 +50,13 @@ class Config:
             raise ConfigError("max_host_adapters must be >= 1 and host_cache_gib > 0", param="max_host_adapters")
         if self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib must be > 0", param="kv_cache_gib")
+        if self.idle_offload not in ("host", "drop"):
+            raise ConfigError(f"idle_offload must be host or drop, got {self.idle_offload!r}", param="idle_offload")
+        if self.idle_offload_seconds is not None and not self.idle_offload_seconds > 0:
+            raise ConfigError("idle_offload_seconds must be > 0", param="idle_offload_seconds")
+        for n in self.preload:
+            if not _ADAPTER_NAME.match(n):
+                raise ConfigError(f"invalid adapter name {n!r} in preload", param="preload")
         names = [n for n, _ in self.adapters]
         for n in names:
             if not _ADAPTER_NAME.match(n):

@@ -228,6 +228,26 @@ class AdapterCache:
             found |= self._host.pop(name) is not None
             return found
 
+    def release_device(self, drop_host: bool = False) -> None:
+        """Idle offload: every adapter leaves its device slot (the engine frees the slot buffers); with
+        drop_host the host tier is emptied too. Loads already running go on. Adapters held by
+        load(pin=True) stay held and come back at restore_held(). Refused while a request pins a slot."""
+        with self._lock:
+            if self._device.pins or self._installing:
+                raise RuntimeError("cannot release the device slots while requests use them")
+            for name in self._device.names():
+                self._device.release(name)
+            self._clears = []  # the buffers are gone: nothing to zero
+            if drop_host:
+                for name in self._host.names():
+                    self._host.pop(name)
+
+    def restore_held(self) -> None:
+        """After an offload: queue the adapters held by load(pin=True) for their slots again."""
+        with self._lock:
+            for name in sorted(self._device.held):
+                self._want(name, notify_failure=False)
+
     def list(self) -> list[dict]:
         """One row per adapter the cache holds or the sources name locally, sorted by name."""
         local = self.sources.local_names()  # reads the adapter directory: outside the lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -40,16 +41,30 @@ class AsyncEngine:
             self._thread = None
 
     def _loop(self) -> None:
+        cfg = self.engine.config
+        idle_since = time.monotonic()
         while not self._stop.is_set():
             if not self.engine.has_work():
+                if (
+                    cfg.idle_offload_seconds is not None
+                    and self.engine.offloaded is None
+                    and time.monotonic() - idle_since >= cfg.idle_offload_seconds
+                ):
+                    try:
+                        self.engine.offload(cfg.idle_offload)
+                    except Exception:
+                        log.exception("idle offload failed")
+                        idle_since = time.monotonic()  # retry after another idle period
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step()  # wakes an offloaded model first
             except Exception:  # Engine.step already fails a broken step's requests; this is a last guard
                 log.exception("step loop error")
                 continue
+            finally:
+                idle_since = time.monotonic()
             if not self.engine.last_step_ran:  # only waiting on adapter loads: sleep until one is ready
                 self.engine.wake.wait(0.005)
                 self.engine.wake.clear()

@@ -11,12 +11,14 @@ its own for the server.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,13 +26,22 @@ import torch
 from ..adapter_cache.cache import AdapterCache
 from ..adapter_cache.sources import AdapterSources
 from ..config import Config
-from ..errors import AdapterNotFoundError, InvalidRequestError
+from ..errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.request import SamplingParams
 from ..scheduler.scheduler import Scheduler
 from ..scheduler.sequence import Request
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .loader import DTYPES, base_shapes, load_hf_config, load_model, resolve_model_dir
+from .loader import (
+    DTYPES,
+    base_shapes,
+    export_weights,
+    load_hf_config,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
+from .model import CausalLM, ModelSpec
 from .runner import ModelRunner
 from .sampler import make_generator, sample_batch
 
@@ -97,17 +108,15 @@ class Engine:
         else:
             self.dtype = DTYPES[config.dtype]
         self.device = _pick_device(config.device)
-        self.model, self.spec = load_model(self.model_dir, self.dtype, self.device)
-        self.tokenizer = self._load_tokenizer()
-        self.eos_token_ids = self._eos_ids()
-        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
-
+        # Start-up runs three things at once: the tokenizer (mostly imports) in a thread, the adapters to
+        # preload in the cache's load pool, and the base weights here (copies that release the GIL).
+        tokenizer_job = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-load")
+        tokenizer_future = tokenizer_job.submit(self._load_tokenizer)
+        tokenizer_job.shutdown(wait=False)
+        self.spec = ModelSpec.from_hf_config(hf_cfg)
         self.base_shapes = base_shapes(self.spec, self.model_name)
-        self.model.allocate_lora_slots(config.max_active_adapters, config.max_lora_rank)
-        block_bytes = ModelRunner.kv_bytes_per_block(self.spec, config.block_size, self.dtype)
-        num_blocks = max(2, int(config.kv_cache_gib * 2**30) // block_bytes)
-        self.runner = ModelRunner(self.model, self.spec, num_blocks, config.block_size)
-        self.blocks = BlockAllocator(num_blocks, config.block_size)
+        self.model: CausalLM | None = None
+        self.runner: ModelRunner | None = None
         self.wake = threading.Event()  # set when an adapter finished loading (the step loop may proceed)
         self.adapter_cache = AdapterCache(
             AdapterSources(dict(config.adapters), config.adapter_dir, config.allow_hub),
@@ -117,12 +126,22 @@ class Engine:
             num_slots=config.max_active_adapters,
             max_host_adapters=config.max_host_adapters,
             host_bytes_budget=int(config.host_cache_gib * 2**30),
-            write_slot=self.runner.load_slot,
-            clear_slot=lambda slot: self.runner.load_slot(slot, {}, 0),
+            write_slot=lambda slot, weights, rank: self._live_runner().load_slot(slot, weights, rank),
+            clear_slot=lambda slot: self._live_runner().load_slot(slot, {}, 0),
             failure_ttl=config.adapter_failure_ttl,
             on_failure=lambda name, message: self.scheduler.fail_adapter(name, message),
             on_ready=lambda name: self.wake.set(),
         )
+        # Adapters named on the command line (--adapter, --preload) are read and validated during start
+        # (a broken one stops it, naming the cause); the first max_active_adapters go into device slots.
+        preload = list(dict.fromkeys([name for name, _ in config.adapters] + list(config.preload)))
+        for name in preload:
+            self.adapter_cache.load(name)  # queued in the load pool, parsed while the weights load
+        self._build_model()
+        self.tokenizer = tokenizer_future.result()
+        self.eos_token_ids = self._eos_ids()
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.blocks = BlockAllocator(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -132,9 +151,7 @@ class Engine:
             prefill_chunk_size=config.prefill_chunk_size,
             max_wait_steps=config.max_wait_steps,
         )
-        # Adapters named on the command line are read and validated now (a broken one stops the start,
-        # naming the cause) and the first max_active_adapters of them go straight into device slots.
-        for name, _ in config.adapters:
+        for name in preload:
             self.adapter_cache.load(name, wait=600.0)
         self.adapter_cache.install_ready()
         self._tracks: dict[str, _Track] = {}
@@ -143,14 +160,97 @@ class Engine:
         self.last_step_ran = False  # False: the last step had nothing to run (e.g. adapters still loading)
         # (num tokens fed, num sequences, seconds) per step when a caller sets a list here (benchmarks)
         self.step_log: list[tuple[int, int, float]] | None = None
+        # Idle offload (offload() / wake_up()): None while the model is on the device, else the mode.
+        self.offloaded: str | None = None
+        self._host_weights: list[tuple[str, torch.Tensor]] | None = None
+        self.offload_stats = {"offloads": 0, "wakeups": 0, "wakeup_seconds_sum": 0.0, "last_wakeup_seconds": 0.0}
+
+    def _build_model(self, weights: list[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Base model with its LoRA slots and the KV cache on the device, from the checkpoint or from
+        host copies of its weights (wake_up)."""
+        cfg = self.config
+        slots = (cfg.max_active_adapters, cfg.max_lora_rank)
+        model, spec = load_model(self.model_dir, self.dtype, self.device, lora_slots=slots, weights=weights)
+        if spec != self.spec:
+            raise ModelLoadError(f"the model in {self.model_dir} changed while the server ran")
+        block_bytes = ModelRunner.kv_bytes_per_block(self.spec, cfg.block_size, self.dtype)
+        num_blocks = max(2, int(cfg.kv_cache_gib * 2**30) // block_bytes)
+        self.model = model
+        self.runner = ModelRunner(model, self.spec, num_blocks, cfg.block_size)
+
+    def _live_runner(self) -> ModelRunner:
+        if self.runner is None:  # install_ready runs only in step(), which wakes the model first
+            raise RuntimeError("the model is offloaded")
+        return self.runner
+
+    # ---- idle offload -------------------------------------------------------------------------
+    def offload(self, mode: str) -> bool:
+        """Release the device copies of the base model, the adapter slots and the KV cache. mode "host":
+        keep host (CPU) copies of the base weights and the adapters' host tier, so wake_up() only copies
+        back; "drop": keep nothing (weights reload from disk, adapters on demand). Only when idle (no
+        request admitted or waiting): returns False otherwise. Call it from the thread that steps."""
+        if mode not in ("host", "drop"):
+            raise ValueError(f"offload mode must be 'host' or 'drop', not {mode!r}")
+        if self.offloaded is not None or self.has_work() or self.model is None:
+            return False
+        if mode == "host":
+            self._host_weights = export_weights(self.model, self.spec)
+        self.adapter_cache.release_device(drop_host=mode == "drop")
+        self.model = self.runner = None
+        gc.collect()  # the modules hold reference cycles: free the device memory now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.offloaded = mode
+        self.offload_stats["offloads"] += 1
+        log.info("idle: offloaded the model (%s)", mode)
+        return True
+
+    def wake_up(self) -> None:
+        """Bring the offloaded model back (step() calls it when work arrives)."""
+        if self.offloaded is None:
+            return
+        t0 = time.perf_counter()
+        self._build_model(self._host_weights)
+        self._host_weights = None
+        mode, self.offloaded = self.offloaded, None
+        self.adapter_cache.restore_held()
+        seconds = time.perf_counter() - t0
+        stats = self.offload_stats
+        stats["wakeups"] += 1
+        stats["wakeup_seconds_sum"] += seconds
+        stats["last_wakeup_seconds"] = seconds
+        log.info("woke the model up from %s offload in %.2f s", mode, seconds)
+
+    def device_bytes(self) -> int:
+        """Bytes of base weights, packed copies, adapter slots and KV cache the engine holds on its
+        device (CPU memory on a CPU engine); 0 while offloaded."""
+        model, runner = self.model, self.runner  # read once: the step thread may offload meanwhile
+        if model is None or runner is None:
+            return 0
+        seen: set[int] = set()
+        total = 0
+        tensors = [*model.parameters(), model.lm_head_packed]
+        for lin in model.lora_linears():
+            tensors += [lin.weight_ext, lin.bias_ext, lin.lora_b, lin.packed]
+        tensors += [t for kv in runner.kv_caches for t in kv]
+        for t in tensors:
+            if t is None:
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # opaque (oneDNN packed) tensors
+                total += t.numel() * t.element_size()
+                continue
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
 
     # ---- text helpers -------------------------------------------------------------------------
     def _load_tokenizer(self):
         if not any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return None  # weights-only directory: prompts must be token ids
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_dir)
+        return load_tokenizer(self.model_dir)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -248,6 +348,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns what each touched request produced (finished ones included)."""
         t0 = time.perf_counter()
+        if self.offloaded is not None:
+            if not self.has_work():
+                self.last_step_ran = False
+                return []
+            self.wake_up()
         self.adapter_cache.install_ready()  # device slot writes happen here, between forward passes
         batch = self.scheduler.schedule()
         outputs = [self._output(r) for r in (*batch.aborted, *batch.failed)]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import mmap
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
 
 from ..adapter_cache.peft_format import BaseShapes
 from ..errors import ModelLoadError
-from .model import CausalLM, ModelSpec
+from .model import SUPPORTED_ARCHS, CausalLM, ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -59,13 +61,69 @@ def resolve_model_dir(model: str | None) -> Path:
     return Path(local)
 
 
+# Defaults of the transformers config classes for fields a config.json may leave out (fast path only).
+_CONFIG_DEFAULTS = {"hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False, "rope_theta": 10000.0}
+_CONFIG_REQUIRED = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+)  # fmt: skip
+# Fields whose class default differs by architecture: the fast path needs them written out.
+_CONFIG_REQUIRED_KEYS = {"mistral": ("sliding_window",), "qwen3": ("head_dim",)}
+
+
 def load_hf_config(model_dir: Path):
+    """The model's config: read straight from config.json when it is complete and uses plain RoPE (no
+    transformers import: ~1.5 s of a cold start), else through transformers' AutoConfig."""
+    fast = _read_config_fast(model_dir)
+    if fast is not None:
+        return fast
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {exc}") from exc
+
+
+def _read_config_fast(model_dir: Path) -> SimpleNamespace | None:
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED_ARCHS:
+        return None
+    if any(raw.get(k) is None for k in _CONFIG_REQUIRED):
+        return None
+    if any(k not in raw for k in _CONFIG_REQUIRED_KEYS.get(raw["model_type"], ())):
+        return None
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
+        return None
+    cfg = {**_CONFIG_DEFAULTS, **raw}
+    if "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    return SimpleNamespace(**cfg)
+
+
+# tokenizer_config.json classes that are plain `tokenizers` tokenizers: loaded without AutoTokenizer,
+# which imports the model's config module (and through it most of transformers: ~1.5 s).
+_GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer (transformers); the generic fast class directly when that is what it is."""
+    try:
+        tok_cfg = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        tok_cfg = {}
+    if (Path(model_dir) / "tokenizer.json").is_file() and tok_cfg.get("tokenizer_class") in _GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def base_shapes_of(model_dir: Path) -> BaseShapes:
@@ -79,8 +137,6 @@ def base_shapes(spec: ModelSpec, name: str) -> BaseShapes:
 
 def _rope_params(cfg) -> tuple[torch.Tensor, float]:
     """inv_freq and attention scaling exactly as transformers computes them for this config."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     params = getattr(cfg, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
@@ -90,6 +146,8 @@ def _rope_params(cfg) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     if rope_type == "dynamic":
         raise ModelLoadError("dynamic RoPE scaling is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
     return inv_freq, float(scaling)
 
@@ -105,41 +163,126 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[CausalLM, ModelSpec]:
-    """Build the CausalLM for model_dir and fill it from its safetensors (fusing q|k|v and gate|up)."""
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    lora_slots: tuple[int, int] | None = None,
+    weights: list[tuple[str, torch.Tensor]] | None = None,
+) -> tuple[CausalLM, ModelSpec]:
+    """Build the CausalLM for model_dir and fill it from its safetensors (fusing q|k|v and gate|up), or
+    from `weights` ((checkpoint name, tensor) pairs, e.g. export_weights' host copies) when given.
+
+    lora_slots=(num_slots, r_max) allocates the LoRA slot buffers first, so each weight is copied once,
+    from the memory-mapped file straight into its final place (no intermediate tensors)."""
     cfg = load_hf_config(model_dir)
     spec = ModelSpec.from_hf_config(cfg)
-    files = _safetensors_files(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensors[key] = sf.get_tensor(key)
-    has = set(tensors)
+    if weights is None:
+        files = _safetensors_files(model_dir)
+        headers = [_read_header(f) for f in files]
+        has = {k for h, _ in headers for k in h}
+        tensors: Iterator[tuple[str, torch.Tensor]] | list = _iter_tensors(files, headers)
+    else:
+        has, tensors = {k for k, _ in weights}, weights
     biases = {
         "qkv": "model.layers.0.self_attn.q_proj.bias" in has,
         "o": "model.layers.0.self_attn.o_proj.bias" in has,
         "mlp": "model.layers.0.mlp.down_proj.bias" in has,
     }
     inv_freq, scaling = _rope_params(cfg)
-    with torch.device("meta"):
-        model = CausalLM(spec, inv_freq, scaling, biases).to(dtype)
-    model = model.to_empty(device=device)
+    # Built uninitialized in place (no meta device round trip: its ops import torch._dynamo, ~1.5 s).
+    model = CausalLM(spec, inv_freq, scaling, biases, dtype=dtype, device=device)
     model.inv_freq = inv_freq.float().to(device)
-    _fill(model, spec, tensors, dtype, device)
+    if lora_slots is not None:
+        model.allocate_lora_slots(*lora_slots, copy_weights=False)
+    _fill(model, spec, tensors, device)
+    if lora_slots is not None:
+        model.pack()
     model.num_weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read per decode step
     return model.eval(), spec
 
 
-def _fill(model: CausalLM, spec: ModelSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, offset of the data section) of a safetensors file."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 * 2**20:
+                raise ValueError(f"bad header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _iter_tensors(files: list[Path], headers: list[tuple[dict, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight: zero-copy views of the memory-mapped files, valid until the next
+    item (the caller copies each one into place)."""
+    for path, (header, data_start) in zip(files, headers, strict=True):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            # Private copy-on-write map (frombuffer wants a writable buffer; nothing is written). It is
+            # unmapped once the last view of it is gone.
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                begin, end = (data_start + int(o) for o in info["data_offsets"])
+                shape = [int(d) for d in info["shape"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelLoadError(f"bad safetensors entry {name!r} in {path}: {exc}") from exc
+            numel = 1
+            for d in shape:
+                numel *= d
+            elem = torch.empty((), dtype=dtype).element_size()
+            if begin < data_start or end > size or end - begin != numel * elem:
+                raise ModelLoadError(f"safetensors entry {name!r} in {path} is truncated or inconsistent")
+            t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=begin) if numel else torch.empty(0, dtype=dtype)
+            yield name, t.view(shape)
+
+
+def export_weights(model: CausalLM, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
+    """Host (CPU) copies of the base weights under their checkpoint names (fused ones split back), for
+    load_model(weights=...): the idle offload's host copy. Page-locked when CUDA is present."""
+    items = [("model.embed_tokens.weight", model.embed.weight), ("model.norm.weight", model.norm.weight)]
+    if not spec.tie_word_embeddings:
+        items.append(("lm_head.weight", model.lm_head_weight))
+    for i, layer in enumerate(model.layers):
+        for name, (attr, slice_idx) in _LAYER_PARAMS.items():
+            mod = getattr(layer, attr, None)
+            for kind in ("weight", "bias"):
+                t = getattr(mod, kind, None) if mod is not None else None
+                if t is None:
+                    continue
+                if slice_idx is not None:
+                    t = t[mod.slice_offsets[slice_idx] : mod.slice_offsets[slice_idx + 1]]
+                items.append((f"model.layers.{i}.{name}.{kind}", t))
+    pin = torch.cuda.is_available()
+    out = []
+    for key, t in items:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        host.copy_(t.detach())
+        out.append((key, host))
+    return out
+
+
+def _fill(model: CausalLM, spec: ModelSpec, tensors, device) -> None:
     def put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         if dst.shape != src.shape:
             raise ModelLoadError(f"weight {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-        dst.copy_(src.to(dtype))
+        dst.copy_(src)  # casts to the model dtype (same rounding as .to) and moves to its device
 
     filled: set[str] = set()
     expected = {"embed", "norm"} | ({"lm_head"} if not spec.tie_word_embeddings else set())
-    for key, t in tensors.items():
+    for key, t in tensors:
         m = _LAYER_KEY.match(key)
         if key == "model.embed_tokens.weight":
             put(model.embed.weight, t, key)

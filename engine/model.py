@@ -6,6 +6,8 @@ Architectures differ only by flags on ModelSpec: qkv bias (qwen2), q/k RMSNorm (
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,17 @@ LORA_TARGETS = {
     "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
 }
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros, except that a large CPU tensor comes from an anonymous memory map: the kernel hands
+    out zero pages on first touch, so allocating the (mostly unused) LoRA slot buffers and KV cache
+    costs nothing at start-up, and untouched pages take no memory."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < 2**16:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,9 @@ class ModelSpec:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, **factory) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(dim, **factory), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +130,11 @@ class LoraLinear(nn.Module):
       lora_b = [num_slots, out_total, r_max] view of a slot-minor [out_total, num_slots, r_max] buffer (scaled)
     """
 
-    def __init__(self, in_features: int, slice_sizes: list[int], bias: bool) -> None:
+    def __init__(self, in_features: int, slice_sizes: list[int], bias: bool, **factory) -> None:
         super().__init__()
         out = sum(slice_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)  # [out, in]
-        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(out, in_features, **factory), requires_grad=False)  # [out, in]
+        self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
         self.slice_offsets = [0]
         for s in slice_sizes:
             self.slice_offsets.append(self.slice_offsets[-1] + s)
@@ -131,23 +144,33 @@ class LoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
 
-    def allocate_lora(self, num_slots: int, r_max: int) -> None:
+    def allocate_lora(self, num_slots: int, r_max: int, *, copy_weight: bool = True) -> None:
+        """Allocate the slot buffers and move W (and bias) into the front of weight_ext. With
+        copy_weight=False the current W is not copied (the loader fills the view afterwards and calls
+        pack(): no second copy of the weights at load time)."""
         w = self.weight
         out, in_f = w.shape
         num_slices = len(self.slice_offsets) - 1
         # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
-        b = torch.zeros(out, num_slots, r_max, dtype=w.dtype, device=w.device)
+        b = lazy_zeros((out, num_slots, r_max), w.dtype, w.device)
         self.lora_b = b.transpose(0, 1)
-        ext = torch.zeros(out + num_slots * num_slices * r_max, in_f, dtype=w.dtype, device=w.device)
-        ext[:out] = w
+        ext = lazy_zeros((out + num_slots * num_slices * r_max, in_f), w.dtype, w.device)
+        if copy_weight:
+            ext[:out] = w
         self.weight_ext = ext
         self.weight = nn.Parameter(ext[:out], requires_grad=False)  # shares the buffer: no second copy of W
         if self.bias is not None:
             bias_ext = torch.zeros(ext.shape[0], dtype=w.dtype, device=w.device)
-            bias_ext[:out] = self.bias
+            if copy_weight:
+                bias_ext[:out] = self.bias
             self.bias_ext = bias_ext
             self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
         self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
+        if copy_weight:
+            self.pack()
+
+    def pack(self) -> None:
+        """(Re)build the oneDNN-packed copy of W (16-bit CPU; None elsewhere)."""
         self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
@@ -164,20 +187,20 @@ class LoraLinear(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+    def __init__(self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool, **factory) -> None:
         super().__init__()
         s = spec
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.spec = spec
-        self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias)
-        self.o = LoraLinear(q, [s.hidden_size], o_bias)
-        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size, s.intermediate_size], mlp_bias)
-        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias)
+        self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
+        self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
+        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias, **factory)
+        self.o = LoraLinear(q, [s.hidden_size], o_bias, **factory)
+        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size, s.intermediate_size], mlp_bias, **factory)
+        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias, **factory)
         if s.qk_norm:
-            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
-            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
 
     def forward(
         self,
@@ -218,17 +241,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CausalLM(nn.Module):
     """Embeddings, decoder layers, final norm and lm_head; forward over one flat step of tokens."""
 
-    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, attention_scaling: float, biases: dict[str, bool]) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+        biases: dict[str, bool],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Weights are left uninitialized (torch.empty; norms 1, biases 0): the loader fills them."""
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        factory = {"dtype": dtype, "device": device}
+        # _weight skips nn.Embedding's random init (slow, and useless before loading).
+        embed = torch.empty(spec.vocab_size, spec.hidden_size, **factory)
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=embed)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"]) for _ in range(spec.num_layers)
+            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"], **factory) for _ in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **factory)
         if not spec.tie_word_embeddings:
-            self.lm_head_weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+            self.lm_head_weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, **factory), requires_grad=False)
         self.inv_freq = inv_freq.float()  # [head_dim / 2]; a plain tensor so dtype casts never touch it
         self.attention_scaling = attention_scaling
         self.num_lora_slots = 0
@@ -240,11 +275,23 @@ class CausalLM(nn.Module):
     def lm_head(self) -> torch.Tensor:  # [vocab, hidden]
         return self.embed.weight if self.spec.tie_word_embeddings else self.lm_head_weight
 
-    def allocate_lora_slots(self, num_slots: int, r_max: int) -> None:
-        for layer in self.layers:
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                lin.allocate_lora(num_slots, r_max)
+    def lora_linears(self) -> list[LoraLinear]:
+        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    def allocate_lora_slots(self, num_slots: int, r_max: int, *, copy_weights: bool = True) -> None:
+        """Give every LoraLinear num_slots slots of rank r_max. copy_weights=False: the base weights are
+        filled afterwards (load_model), which then calls pack()."""
+        for lin in self.lora_linears():
+            lin.allocate_lora(num_slots, r_max, copy_weight=copy_weights)
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
+        if copy_weights:
+            self.lm_head_packed = pack_weight(self.lm_head)
+
+    def pack(self) -> None:
+        """(Re)build the packed copies of the base weights (after they were filled or restored)."""
+        for lin in self.lora_linears():
+            if lin.weight_ext is not None:
+                lin.pack()
         self.lm_head_packed = pack_weight(self.lm_head)
 
     def lora_linear(self, layer: int, module: str) -> tuple[LoraLinear, int]:

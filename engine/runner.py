@@ -10,7 +10,7 @@ import torch
 
 from ..kernels import MetaBuffers, build_lora_meta
 from .attention import SeqSpan, build_attn_meta
-from .model import CausalLM, ModelSpec, write_lora_slot
+from .model import CausalLM, ModelSpec, lazy_zeros, write_lora_slot
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (lazy_zeros(shape, self.dtype, self.device), lazy_zeros(shape, self.dtype, self.device))
             for _ in range(spec.num_layers)
         ]
         self.slot_ranks = [0] * model.num_lora_slots

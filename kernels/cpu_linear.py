@@ -19,6 +19,9 @@ def _ops():
     return mkldnn
 
 
+_PROBED: dict[tuple, bool] = {}  # (shape, dtype, batch_hint) -> packed_linear equals F.linear on this build
+
+
 def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | None:
     """A packed copy of weight [out, in] for packed_linear, or None where packing does not apply."""
     ops = _ops()
@@ -28,10 +31,12 @@ def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | No
         return None
     try:
         packed = ops._reorder_linear_weight(weight.contiguous(), batch_hint)
-        probe = torch.randn(2, weight.shape[1], dtype=weight.dtype)
-        if not torch.equal(ops._linear_pointwise(probe, packed, None, "none", [], ""), torch.nn.functional.linear(probe, weight)):
-            return None  # this build computes differently: keep the plain path
-        return packed
+        key = (tuple(weight.shape), weight.dtype, batch_hint)
+        if key not in _PROBED:  # once per shape: the kernel oneDNN picks depends on shape and dtype only
+            probe = torch.randn(2, weight.shape[1], dtype=weight.dtype)
+            got = ops._linear_pointwise(probe, packed, None, "none", [], "")
+            _PROBED[key] = torch.equal(got, torch.nn.functional.linear(probe, weight))
+        return packed if _PROBED[key] else None  # False: this build computes differently, keep the plain path
     except RuntimeError:
         return None
 

@@ -6,7 +6,8 @@ health / readiness / info / metrics, and `serve()` (uvicorn with a graceful, dra
 
 Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream,
 /v1/load_lora_adapter, /v1/unload_lora_adapter (admin); GET /v1/models, /v1/models/{model}, /info,
-/health (alive: always 200), /ready (503 while loading or draining), /metrics (Prometheus text).
+/health (alive: always 200), /ready (503 while loading or draining), /metrics (Prometheus text),
+/v1/status (the playground's status strip); the playground page: / and /playground (+ its files).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .lorax_api import generate, generate_stream
 from .metrics import CONTENT_TYPE
 from .models_api import get_model, list_models, load_adapter, unload_adapter
 from .openai_api import chat_completions, completions
+from .playground import asset, page, page_config, status
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,11 @@ def create_app(
         Route("/ready", ready, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/playground", page, methods=["GET"]),
+        Route("/playground/config.json", page_config, methods=["GET"]),
+        Route("/playground/{name}", asset, methods=["GET"]),
     ]
     handlers = {LoraplexError: handle_exception, HTTPException: handle_exception, Exception: handle_exception}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]

@@ -164,6 +164,29 @@ class _ScrapeCollector:
         )
         yield info
         yield from _cache_metrics(engine.adapter_cache.stats())
+        yield from _offload_metrics(engine)
+
+
+def _offload_metrics(engine: Any) -> Iterator[Metric]:
+    stats = engine.offload_stats
+    yield _gauge(
+        "loraplex_offloaded",
+        "1 while the model's device copies are released after idling (--idle-offload-seconds)",
+        engine.offloaded is not None,
+    )
+    yield _gauge(
+        "loraplex_device_bytes",
+        "Bytes of base weights, adapter slots and KV cache the engine holds on its device (0 offloaded)",
+        engine.device_bytes(),
+    )
+    yield CounterMetricFamily("loraplex_offloads", "Idle offloads of the model", value=stats["offloads"])
+    yield CounterMetricFamily("loraplex_wakeups", "Wake-ups of the model after an idle offload", value=stats["wakeups"])
+    yield SummaryMetricFamily(
+        "loraplex_wakeup_seconds",
+        "Time to bring the offloaded model back (within the first request's latency)",
+        count_value=stats["wakeups"],
+        sum_value=stats["wakeup_seconds_sum"],
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

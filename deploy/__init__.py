@@ -1,0 +1,1 @@
+"""Deployment: the Ray Serve app (deploy/ray) and the Knative / Kubernetes manifests (YAML only)."""

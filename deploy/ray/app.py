@@ -1,0 +1,323 @@
+"""Ray Serve scale-out: an ingress that answers the OpenAI (and LoRAX) routes, and replicas that each
+run a whole loraplex server in-process (engine + Starlette app). A request goes to a replica that
+already holds its adapter:
+
+    client -HTTP-> Ray proxy -> LoraplexIngress.__call__       reads `model`; no torch in this process
+        -> replicas.options(multiplexed_model_id=model, stream=True).forward(...)
+    LoraplexReplica.forward                                     loads `model` through @serve.multiplexed,
+        -> the loraplex app over in-process ASGI                then streams the app's answer back
+
+Ray Serve's model multiplexing keys on the request's `model` (an adapter name): a replica reports the
+adapters it holds and the router sends requests for one of them there; a replica holds at most
+`max_adapters_per_replica` adapters (also its engine's host tier size) and drops the least recently
+used beyond that (from the engine too). Base-model requests carry no model id and go to any replica.
+The replica deployment autoscales on ongoing requests with `min_replicas: 0`; the first request after
+scale-to-zero waits for a replica to build its engine.
+
+    serve run deploy/ray/serve_config.yaml                      # or, in Python:
+    serve.run(build_app({"adapter_dir": "/models/adapters"}))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from loraplex.config import Config, parse_adapter_flag
+from loraplex.engine.default_model import DEFAULT_MODEL_NAME
+from loraplex.errors import InvalidRequestError, LoraplexError
+from loraplex.server.errors import (
+    NotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    error_response,
+)
+
+from .asgi import Head, call_asgi
+
+log = logging.getLogger("ray.serve")
+
+REPLICA_HEADER = "x-loraplex-replica"  # which replica answered (for clients and tests)
+ADAPTERS_HEADER = "x-loraplex-replica-adapters"  # the adapters that replica holds, least recent first
+MODEL_ROUTES = {  # path -> where its body names the model
+    "/v1/completions": ("model",),
+    "/v1/chat/completions": ("model",),
+    "/generate": ("parameters", "adapter_id"),
+    "/generate_stream": ("parameters", "adapter_id"),
+}
+# Answered by the ingress itself: probes must not wake a replica (that would defeat scale-to-zero), and
+# load/unload would change one replica only. The ingress never forwards /metrics either (a scrape would
+# keep a replica alive); Ray exports its own serve metrics.
+LOCAL_ROUTES = {"/health", "/ready", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """The application's arguments (`args:` in the Serve config). Engine fields use Config's names."""
+
+    model: str | None = None  # as --model; None: the embedded default with its demo adapters
+    adapters: list[str] = field(default_factory=list)  # NAME=SOURCE, as --adapter
+    adapter_dir: str | None = None  # as --adapter-dir: shared storage every replica can read
+    allow_hub: bool = False
+    max_adapters_per_replica: int = 8  # multiplexed models per replica = the engine's host tier size
+    engine: dict = field(default_factory=dict)  # other Config fields: dtype, max_num_seqs, kv_cache_gib...
+    served_model_name: str | None = None
+    max_queue: int | None = None
+    max_body_bytes: int = 4 * 2**20
+    api_key: str | None = None
+    api_keys_file: str | None = None
+    replica_options: dict = field(default_factory=dict)  # Ray deployment options (YAML: `deployments:`)
+    ingress_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, args: dict[str, Any] | None) -> AppArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown loraplex app args {unknown}; known: {sorted(known)}")
+        return cls(**(args or {}))
+
+    def config(self) -> Config:
+        engine = dict(self.engine)
+        if "max_active_adapters" not in engine:  # device slots never outnumber the adapters held
+            engine["max_active_adapters"] = min(Config.max_active_adapters, self.max_adapters_per_replica)
+        return Config(
+            model=self.model,
+            adapters=tuple(parse_adapter_flag(a) for a in self.adapters),
+            adapter_dir=self.adapter_dir,
+            allow_hub=self.allow_hub,
+            max_host_adapters=self.max_adapters_per_replica,
+            **engine,
+        )
+
+    def base_names(self) -> list[str]:
+        """Names the base model answers to: requests for them carry no multiplexed model id."""
+        return sorted({n for n in (self.served_model_name, self.model or DEFAULT_MODEL_NAME) if n})
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """The Serve application (the `import_path` of the Serve config): ingress + replica deployment.
+    Deployment options come from the code defaults below, then `replica_options` / `ingress_options`,
+    then the `deployments:` section of a Serve config."""
+    a = AppArgs.parse(args)
+    config = a.config()  # a bad value fails here, at deploy time, not in every replica
+    if a.max_queue is not None and a.max_queue < 1:
+        raise ValueError("max_queue must be >= 1")
+    server = {
+        "served_model_name": a.served_model_name,
+        "max_queue": a.max_queue,
+        "max_body_bytes": a.max_body_bytes,
+        "api_key": a.api_key,
+        "api_keys_file": a.api_keys_file,
+    }
+    # One replica runs max_num_seqs requests at once and queues up to max_queue more (its concurrency
+    # limit, as Knative's containerConcurrency); autoscaling aims at full batches.
+    concurrency = config.max_num_seqs + (a.max_queue if a.max_queue is not None else config.max_num_seqs)
+    replica_options = {
+        "max_ongoing_requests": concurrency,
+        "autoscaling_config": {
+            "min_replicas": 0,
+            "initial_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": config.max_num_seqs,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 120,
+            "downscale_to_zero_delay_s": 600,
+        },
+        **a.replica_options,
+    }
+    if "num_replicas" in a.replica_options:  # a fixed count replaces autoscaling
+        replica_options.pop("autoscaling_config", None)
+    replicas = LoraplexReplica.options(**replica_options).bind(config, server, a.max_adapters_per_replica)
+    return LoraplexIngress.options(**a.ingress_options).bind(replicas, a.base_names(), a.max_body_bytes)
+
+
+def _model_of(path: str, body: bytes) -> str:
+    """The adapter a generation request names ("" when none or unreadable: the replica will say why)."""
+    try:
+        value: Any = json.loads(body)
+        for key in MODEL_ROUTES[path]:
+            value = value.get(key) if isinstance(value, dict) else None
+    except (ValueError, RecursionError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+@serve.deployment(
+    name="LoraplexIngress",
+    num_replicas=1,
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0.1},
+)
+class LoraplexIngress:
+    """Routes each HTTP request to a replica; the replica's loraplex app produces the whole answer."""
+
+    def __init__(self, replicas: DeploymentHandle, base_names: list[str], max_body_bytes: int) -> None:
+        self.replicas = replicas
+        self.base_names = set(base_names)
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if path in LOCAL_ROUTES:
+            return self._local(path)
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            return error_response(PayloadTooLargeError(f"request body is over {self.max_body_bytes} bytes"))
+        model = _model_of(path, body) if request.method == "POST" and path in MODEL_ROUTES else ""
+        handle = self.replicas.options(stream=True)
+        if model and model not in self.base_names:
+            handle = self.replicas.options(stream=True, multiplexed_model_id=model)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
+        stream = handle.forward.remote(request.method, path, request.url.query.encode(), headers, body)
+        try:
+            head: Head = await stream.__anext__()
+        except Exception as exc:  # the replica failed to start or died: an OpenAI error, not a bare 500
+            log.exception("forwarding %s failed", path)
+            stream.cancel()
+            return error_response(ServiceUnavailableError(f"no replica could answer: {type(exc).__name__}"))
+        if head.is_stream:
+            return StreamingResponse(_relay(stream), status_code=head.status, headers=dict(head.headers))
+        chunks = [chunk async for chunk in stream]
+        return Response(b"".join(chunks), status_code=head.status, headers=dict(head.headers))
+
+    def _local(self, path: str) -> Response:
+        if path in ("/health", "/ready"):  # the ingress is up; replicas start on demand
+            return JSONResponse({"status": "ok" if path == "/health" else "ready"})
+        if path == "/metrics":
+            return error_response(NotFoundError("behind Ray Serve, use Ray's serve metrics (ray_serve_*)"))
+        return error_response(
+            InvalidRequestError(
+                "behind Ray Serve adapters come from adapter_dir / adapters (shared by every replica); "
+                "load and unload per replica are not exposed",
+                code="not_supported",
+            )
+        )
+
+
+async def _relay(stream: Any) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:  # the client went away (or the stream ended): stop the replica's generator too
+        stream.cancel()
+
+
+class _Held:
+    """One adapter held by a replica (the object @serve.multiplexed caches). Ray calls __del__ when it
+    evicts the adapter (least recently used past max_adapters_per_replica): drop it from the engine too."""
+
+    def __init__(self, replica: LoraplexReplica, name: str) -> None:
+        self.replica, self.name = replica, name
+
+    def __del__(self) -> None:
+        replica, self.replica = self.replica, None
+        if replica is not None:
+            replica.release(self.name)
+
+
+@serve.deployment(name="LoraplexReplica", graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 1})
+class LoraplexReplica:
+    """One engine and its loraplex Starlette app (auth, validation, errors, streaming: all unchanged)."""
+
+    def __init__(self, config: Config, server: dict[str, Any], max_adapters: int) -> None:
+        from loraplex.engine.async_engine import AsyncEngine
+        from loraplex.engine.engine import Engine
+        from loraplex.server.app import create_app
+        from loraplex.server.auth import build_key_table
+
+        if config.model is None and not config.adapters and config.adapter_dir is None:
+            config = replace(config, adapters=_demo_adapters())  # as `loraplex serve` with no flags
+        self.aengine = AsyncEngine(Engine(config))
+        self.aengine.start()  # the app's lifespan would do it; it never runs here
+        keys = build_key_table(server.get("api_key"), server.get("api_keys_file"))
+        app_args = {k: v for k, v in server.items() if k not in ("api_key", "api_keys_file")}
+        self.app = create_app(self.aengine, api_keys=keys, **app_args)
+        self.state = self.app.state.loraplex
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.held: OrderedDict[str, None] = OrderedDict()  # mirrors the multiplexed set, LRU first
+
+        async def load_adapter(name: str) -> _Held:
+            await asyncio.to_thread(self.aengine.engine.adapter_cache.load, name, False, 600.0)
+            self.held[name] = None
+            return _Held(self, name)
+
+        # Built here, not as a decorated method, so that the limit is a deployment argument.
+        self.hold = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
+
+    async def forward(
+        self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator[Head | bytes]:
+        name = serve.get_multiplexed_model_id()
+        if name and self._may_use(name, headers):
+            try:
+                await self.hold(name)
+                self.held.move_to_end(name)
+            except Exception:  # unknown or broken adapter: the app answers with the precise error (404, 422)
+                log.debug("adapter %s not held", name, exc_info=True)
+        extra = [(REPLICA_HEADER, self.replica_id), (ADAPTERS_HEADER, ",".join(self.held))]
+        async for part in call_asgi(self.app, method, path, query, headers, body, extra):
+            yield part
+
+    def _may_use(self, name: str, headers: list[tuple[str, str]]) -> bool:
+        """Load only for callers allowed to use the adapter (the app checks again and answers)."""
+        auth = next((v for k, v in headers if k.lower() == "authorization"), None)
+        try:
+            return self.state.auth.check(auth).may_use(name)
+        except LoraplexError:
+            return False
+
+    def release(self, name: str) -> None:
+        self.held.pop(name, None)
+        try:
+            self.aengine.engine.adapter_cache.unload(name)
+        except LoraplexError:  # running requests still use it: the engine's own LRU drops it later
+            pass
+
+    def describe(self) -> dict[str, Any]:
+        """Which replica this is, what it holds, and the engine's view of each adapter (for tests)."""
+        engine = self.aengine.engine
+        aborted = self.state.metrics.registry.get_sample_value(
+            "loraplex_request_finished_total", {"reason": "abort"}
+        )
+        return {
+            "replica": self.replica_id,
+            "held": list(self.held),
+            "engine": {r["name"]: r["tier"] for r in engine.adapter_cache.list()},
+            "num_running": engine.scheduler.num_running,
+            "num_aborted": int(aborted or 0),
+        }
+
+    def __del__(self) -> None:  # Ray calls this once in-flight requests finished (or the grace ran out)
+        aengine = self.__dict__.get("aengine")
+        if aengine is None:
+            return
+        self.__dict__.pop("aengine")
+        self.state.begin_drain()
+        aengine.stop()
+        aengine.engine.adapter_cache.close()
+
+
+def _demo_adapters() -> tuple[tuple[str, str], ...]:
+    from loraplex.adapter_cache.demo import DEMO_ADAPTERS, write_demo_adapters
+    from loraplex.engine.default_model import default_cache_dir
+    from loraplex.engine.loader import resolve_model_dir
+
+    out = default_cache_dir() / "demo-adapters"
+    names = [spec.name for spec in DEMO_ADAPTERS]
+    if not all((out / n / "adapter_model.safetensors").is_file() for n in names):
+        write_demo_adapters(out, resolve_model_dir(None))
+    return tuple((n, str(out / n)) for n in names)
