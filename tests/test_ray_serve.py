@@ -145,6 +145,19 @@ def cluster(tmp_path_factory):
             os.environ["RAY_AUTH_MODE"] = saved_auth_mode
 
 
+def _describe(adapter: str, replica: str) -> dict:
+    """`replica`'s describe(), routed by `adapter` as a request for it would be. Retried until the
+    driver's router knows that `replica` holds `adapter` (replicas report what they hold every 0.1 s,
+    and routers learn it a moment later: until then a call may go to the other replica)."""
+    handle = serve.get_deployment_handle("LoraplexReplica", app_name=APP)
+
+    def ask():
+        info = handle.options(multiplexed_model_id=adapter).describe.remote().result(timeout_s=60)
+        return info if info["replica"] == replica else None
+
+    return _wait(ask, 20, f"describe() routed to replica {replica} by {adapter}")
+
+
 def _complete(url: str, model: str) -> httpx.Response:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
@@ -219,10 +232,8 @@ def test_same_adapter_same_replica_and_lru_eviction(cluster):
 
     # The engine of the replica that evicted dropped the adapter too.
     replica, evicted = evictions[-1]
-    kept = held[replica][-1]
-    handle = serve.get_deployment_handle("LoraplexReplica", app_name=APP)
-    info = handle.options(multiplexed_model_id=kept).describe.remote().result(timeout_s=60)
-    assert info["replica"] == replica and info["held"] == held[replica]
+    info = _describe(held[replica][-1], replica)
+    assert info["held"] == held[replica]
     assert info["engine"][evicted] == "disk", info
     assert all(info["engine"][name] in ("host", "device") for name in held[replica]), info
 
@@ -266,21 +277,19 @@ def test_openai_client_matches_the_engine(cluster):
 
 
 def test_client_gone_mid_stream_aborts_the_replicas_request(cluster):
-    handle = serve.get_deployment_handle("LoraplexReplica", app_name=APP)
-    _complete(cluster["url"], "a1")
-    before = handle.options(multiplexed_model_id="a1").describe.remote().result(timeout_s=60)
+    replica = _complete(cluster["url"], "a1").headers[REPLICA_HEADER]
+    before = _describe("a1", replica)
     body = {"model": "a1", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{cluster['url']}/v1/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200 and r.headers[REPLICA_HEADER] == before["replica"]
+        assert r.status_code == 200 and r.headers[REPLICA_HEADER] == replica
         next(line for line in r.iter_lines() if line.startswith("data: "))
 
     # Closing the connection reaches the replica's app as http.disconnect: it aborts its engine request.
     def aborted():
-        info = handle.options(multiplexed_model_id="a1").describe.remote().result(timeout_s=60)
-        done = info["num_aborted"] == before["num_aborted"] + 1 and info["num_running"] == 0
-        return info if done else None
+        info = _describe("a1", replica)
+        return info["num_aborted"] == before["num_aborted"] + 1 and info["num_running"] == 0
 
-    assert _wait(aborted, 20, "the request to be aborted")["replica"] == before["replica"]
+    _wait(aborted, 20, "the request to be aborted")
 
 
 def test_scales_to_zero_when_idle_and_back_on_request(cluster):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields, replace
@@ -36,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from loraplex.config import Config, parse_adapter_flag
 from loraplex.engine.default_model import DEFAULT_MODEL_NAME
 from loraplex.errors import InvalidRequestError, LoraplexError
+from loraplex.server.app import DEFAULT_MAX_BODY_BYTES
 from loraplex.server.errors import (
     NotFoundError,
     PayloadTooLargeError,
@@ -73,7 +75,7 @@ class AppArgs:
     engine: dict = field(default_factory=dict)  # other Config fields: dtype, max_num_seqs, kv_cache_gib...
     served_model_name: str | None = None
     max_queue: int | None = None
-    max_body_bytes: int = 4 * 2**20
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     api_key: str | None = None
     api_keys_file: str | None = None
     replica_options: dict = field(default_factory=dict)  # Ray deployment options (YAML: `deployments:`)
@@ -120,8 +122,9 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         "api_key": a.api_key,
         "api_keys_file": a.api_keys_file,
     }
-    # One replica runs max_num_seqs requests at once and queues up to max_queue more (its concurrency
-    # limit, as Knative's containerConcurrency); autoscaling aims at full batches.
+    # One replica runs max_num_seqs requests at once and queues up to max_queue more (max_num_seqs more
+    # without one): its concurrency limit, as Knative's containerConcurrency. Autoscaling aims at full
+    # batches.
     concurrency = config.max_num_seqs + (a.max_queue if a.max_queue is not None else config.max_num_seqs)
     replica_options = {
         "max_ongoing_requests": concurrency,
@@ -174,6 +177,9 @@ class LoraplexIngress:
             path = path[len(root) :] or "/"
         if path in LOCAL_ROUTES:
             return self._local(path)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return error_response(PayloadTooLargeError(f"request body is over {self.max_body_bytes} bytes"))
         body = await request.body()
         if len(body) > self.max_body_bytes:
             return error_response(PayloadTooLargeError(f"request body is over {self.max_body_bytes} bytes"))
@@ -182,7 +188,8 @@ class LoraplexIngress:
         if model and model not in self.base_names:
             handle = self.replicas.options(stream=True, multiplexed_model_id=model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
-        stream = handle.forward.remote(request.method, path, request.url.query.encode(), headers, body)
+        query = request.scope.get("query_string", b"")
+        stream = handle.forward.remote(request.method, path, query, headers, body)
         try:
             head: Head = await stream.__anext__()
         except Exception as exc:  # the replica failed to start or died: an OpenAI error, not a bare 500
@@ -234,13 +241,14 @@ class LoraplexReplica:
     """One engine and its loraplex Starlette app (auth, validation, errors, streaming: all unchanged)."""
 
     def __init__(self, config: Config, server: dict[str, Any], max_adapters: int) -> None:
+        from loraplex.cli import _demo_adapter_sources
         from loraplex.engine.async_engine import AsyncEngine
         from loraplex.engine.engine import Engine
         from loraplex.server.app import create_app
         from loraplex.server.auth import build_key_table
 
         if config.model is None and not config.adapters and config.adapter_dir is None:
-            config = replace(config, adapters=_demo_adapters())  # as `loraplex serve` with no flags
+            config = replace(config, adapters=_demo_adapter_sources())  # as `loraplex serve` does
         self.aengine = AsyncEngine(Engine(config))
         self.aengine.start()  # the app's lifespan would do it; it never runs here
         keys = build_key_table(server.get("api_key"), server.get("api_keys_file"))
@@ -249,10 +257,12 @@ class LoraplexReplica:
         self.state = self.app.state.loraplex
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.held: OrderedDict[str, None] = OrderedDict()  # mirrors the multiplexed set, LRU first
+        self.held_lock = threading.Lock()  # Ray runs _Held.__del__ in a worker thread
 
         async def load_adapter(name: str) -> _Held:
             await asyncio.to_thread(self.aengine.engine.adapter_cache.load, name, False, 600.0)
-            self.held[name] = None
+            with self.held_lock:
+                self.held[name] = None
             return _Held(self, name)
 
         # Built here, not as a decorated method, so that the limit is a deployment argument.
@@ -265,10 +275,13 @@ class LoraplexReplica:
         if name and self._may_use(name, headers):
             try:
                 await self.hold(name)
-                self.held.move_to_end(name)
+                with self.held_lock:
+                    self.held.move_to_end(name)
             except Exception:  # unknown or broken adapter: the app answers with the precise error (404, 422)
                 log.debug("adapter %s not held", name, exc_info=True)
-        extra = [(REPLICA_HEADER, self.replica_id), (ADAPTERS_HEADER, ",".join(self.held))]
+        with self.held_lock:
+            held = ",".join(self.held)
+        extra = [(REPLICA_HEADER, self.replica_id), (ADAPTERS_HEADER, held)]
         async for part in call_asgi(self.app, method, path, query, headers, body, extra):
             yield part
 
@@ -281,7 +294,8 @@ class LoraplexReplica:
             return False
 
     def release(self, name: str) -> None:
-        self.held.pop(name, None)
+        with self.held_lock:
+            self.held.pop(name, None)
         try:
             self.aengine.engine.adapter_cache.unload(name)
         except LoraplexError:  # running requests still use it: the engine's own LRU drops it later
@@ -293,9 +307,11 @@ class LoraplexReplica:
         aborted = self.state.metrics.registry.get_sample_value(
             "loraplex_request_finished_total", {"reason": "abort"}
         )
+        with self.held_lock:
+            held = list(self.held)
         return {
             "replica": self.replica_id,
-            "held": list(self.held),
+            "held": held,
             "engine": {r["name"]: r["tier"] for r in engine.adapter_cache.list()},
             "num_running": engine.scheduler.num_running,
             "num_aborted": int(aborted or 0),
@@ -309,15 +325,3 @@ class LoraplexReplica:
         self.state.begin_drain()
         aengine.stop()
         aengine.engine.adapter_cache.close()
-
-
-def _demo_adapters() -> tuple[tuple[str, str], ...]:
-    from loraplex.adapter_cache.demo import DEMO_ADAPTERS, write_demo_adapters
-    from loraplex.engine.default_model import default_cache_dir
-    from loraplex.engine.loader import resolve_model_dir
-
-    out = default_cache_dir() / "demo-adapters"
-    names = [spec.name for spec in DEMO_ADAPTERS]
-    if not all((out / n / "adapter_model.safetensors").is_file() for n in names):
-        write_demo_adapters(out, resolve_model_dir(None))
-    return tuple((n, str(out / n)) for n in names)
