@@ -340,7 +340,7 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = False, label: str = "
             raise ValueError("no model names: pass models or serve some adapters")
         if cfg.warmup:
             warm = build_workload(cfg, models, cfg.warmup, seed=cfg.seed + 10**6)
-            warm = [replace(s, index=-1, max_tokens=min(s.max_tokens, 8)) for s in warm]  # short: only warms
+            warm = [replace(s, max_tokens=min(s.max_tokens, 8)) for s in warm]  # short: they only warm up
             await asyncio.gather(*(send_request(client, cfg, s) for s in warm))
         specs = build_workload(cfg, models)
         bar = _Progress(cfg, label or cfg.load_label, progress)

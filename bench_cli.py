@@ -105,6 +105,8 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import httpx
+
     try:
         configs = configs_from_args(args)
     except ValueError as exc:
@@ -113,7 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = []
     for cfg in configs:
         label = f"adapters={cfg.num_adapters or 'all'} {cfg.load_label}"
-        result = asyncio.run(run_benchmark(cfg, progress=not args.no_progress, label=label))
+        try:
+            result = asyncio.run(run_benchmark(cfg, progress=not args.no_progress, label=label))
+        except httpx.HTTPError as exc:  # listing the models failed: the server is not there
+            raise SystemExit(f"error: {cfg.url}: {type(exc).__name__}: {exc}") from exc
         runs.append(result)
         rows.append(_row(urlsplit(cfg.url).netloc, result))
     text = table(rows)

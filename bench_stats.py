@@ -122,7 +122,8 @@ def table_row(server: str, adapters: int | str, load: str, s: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of rows {"server", "adapters", "load", "summary"}."""
-    sep = "|" + "|".join("---:" if n > 1 else "---" for n in range(TABLE_HEADER.count("|") - 1)) + "|"
+    aligns = ["---" if n in (0, 2) else "---:" for n in range(TABLE_HEADER.count("|") - 1)]  # text left
+    sep = "|" + "|".join(aligns) + "|"
     lines = [TABLE_HEADER, sep]
     lines += [table_row(r["server"], r["adapters"], r["load"], r["summary"]) for r in rows]
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from loraplex.bench import (
 )
 from loraplex.bench_cli import main as bench_main
 from loraplex.bench_stats import RequestResult, percentile, summarize
+from loraplex.cli import main as cli_main
 
 FAKE_SERVER = Path(__file__).with_name("fake_openai_server.py")
 
@@ -99,7 +100,7 @@ def test_zipf_and_uniform_popularity():
     assert popularity_weights(4, "uniform", 1.0) == [0.25] * 4
     w = popularity_weights(3, "zipf", 1.0)
     assert w == pytest.approx([1 / (1 + 1 / 2 + 1 / 3) / k for k in (1, 2, 3)])
-    cfg = BenchConfig(popularity="zipf", zipf_alpha=1.2, num_requests=20000)
+    cfg = BenchConfig(popularity="zipf", zipf_alpha=1.2, num_requests=20000, prompt_len=LengthSpec(1, 1))
     models = [f"a{i}" for i in range(8)]
     counts = Counter(s.model for s in build_workload(cfg, models))
     expected = popularity_weights(8, "zipf", 1.2)
@@ -219,11 +220,11 @@ def test_open_loop_is_bounded_by_duration(fake_url):
     planned = [s for s in build_workload(cfg, ["ok0"]) if s.send_at < cfg.duration]
     assert len(result.results) == len(planned) and 5 < len(planned) < 50
     assert result.summary["num_ok"] == len(planned)
-    assert elapsed < cfg.duration + 0.5
+    assert elapsed < cfg.duration + 1.0
     # sends follow the schedule
     starts = sorted(r.start for r in result.results)
     offsets = [t - starts[0] for t in starts]
-    assert max(abs(a - b.send_at) for a, b in zip(offsets, planned, strict=True)) < 0.05
+    assert max(abs(a - b.send_at) for a, b in zip(offsets, planned, strict=True)) < 0.1
 
 
 def test_closed_loop_respects_both_bounds(fake_url):
@@ -231,7 +232,7 @@ def test_closed_loop_respects_both_bounds(fake_url):
     assert run(BenchConfig(concurrency=3, num_requests=7, **common)).summary["num_requests"] == 7
     result = run(BenchConfig(concurrency=2, num_requests=10000, duration=0.4, **common))
     assert 2 <= result.summary["num_requests"] < 60
-    assert result.summary["duration_s"] < 0.4 + 0.3
+    assert result.summary["duration_s"] < 0.4 + 0.6
 
 
 def test_models_come_from_the_server_when_not_given(fake_url):
@@ -259,9 +260,12 @@ def test_bench_command_writes_json_and_plot(fake_url, tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-def test_bench_command_refuses_remote_urls(tmp_path):
+def test_bench_command_refuses_remote_urls_and_absent_servers(tmp_path):
+    out = str(tmp_path / "x.json")
     with pytest.raises(SystemExit, match="loopback"):
-        bench_main(["--url", "http://192.0.2.1:8000", "--out", str(tmp_path / "x.json")])
+        cli_main(["bench", "--url", "http://192.0.2.1:8000", "--out", out])
+    with pytest.raises(SystemExit, match="ConnectError"):
+        cli_main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--out", out, "--no-progress"])
 
 
 # ---- smoke run against loraplex serve ---------------------------------------------------------------
