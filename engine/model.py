@@ -176,14 +176,17 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
         if self.packed is not None and (meta is None or meta.num_active == 1):
             # Base-only or single-adapter steps: the packed base matmul, then the LoRA delta on its own.
-            # With several adapters the shrink riding in the (unpacked) base matmul wins (lora_linear).
+            # With several adapters lora_linear picks: the shrink riding in the (unpacked) base matmul, or
+            # this packed base matmul plus a separate LoRA pass.
             y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
             if meta is not None:
                 lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)
             return y
         if self.weight_ext is None:
             return F.linear(x, self.weight, self.bias)  # [T, out_total]
-        return lora_linear(x, self.weight_ext, self.bias_ext, self.lora_a, self.lora_b, self.slice_offsets, meta)
+        return lora_linear(
+            x, self.weight_ext, self.bias_ext, self.lora_a, self.lora_b, self.slice_offsets, meta, self.packed
+        )
 
 
 class DecoderLayer(nn.Module):

@@ -38,15 +38,17 @@ def lora_linear(
     lora_b: torch.Tensor,
     slice_offsets: list[int],
     meta: LoraMeta | None,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b (+ every token's LoRA delta), W = weight_ext[:out_total] and lora_a = the rows below it.
 
     x: [T, in]; weight_ext: [out_total + num_slots * num_slices * r_max, in]; returns y: [T, out_total]
-    (on CPU possibly a column slice of a wider result: a strided view).
+    (on CPU possibly a column slice of a wider result: a strided view). packed: W packed by
+    cpu_linear.pack_weight, used by the CPU path when the base matmul runs on its own.
     """
     out_total = slice_offsets[-1]
     if meta is not None and not (_backend() == "triton" or (x.is_cuda and _backend() != "torch")):
-        return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta)
+        return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta, packed)
     y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
     if meta is not None:
         lora_apply(y, x, lora_a, lora_b, slice_offsets, meta)

@@ -38,6 +38,13 @@ class LoraMeta:
     def num_lora_tokens(self) -> int:
         return self.seg_starts_list[-1]
 
+    def active_onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """[num_tokens, num_active]: 1 where the token's slot is the j-th active slot (cached per step)."""
+        key = ("active_onehot", dtype)
+        if key not in self.cache:
+            self.cache[key] = (self.token_slot[:, None] == self.slot_ids[None, :]).to(dtype)
+        return self.cache[key]
+
     def slot_onehot(self, lo: int, span: int, dtype: torch.dtype) -> torch.Tensor:
         """[num_tokens, span] mask, 1 where token t uses slot lo + j; built once per step and dtype."""
         key = (lo, span, dtype)

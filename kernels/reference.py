@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_linear import packed_linear
 from .meta import LoraMeta
 
 # Cost model of the CPU path (2-core x86 figures): a small matmul costs ~20 us of fixed overhead, and
 # multiply-adds run at ~1e11 flop/s. Used only to choose between two exact ways of computing the same sum.
 _CALL_SECONDS = 20e-6
 _FLOPS_PER_SECOND = 1e11
+_COPY_BYTES_PER_SECOND = 1e10
 
 
 def lora_apply_ref(
@@ -42,17 +44,41 @@ def lora_apply_ref(
     y: [num_tokens, out_total]; x: [num_tokens, in_features].
     """
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
-    span = hi - lo + 1
     b_phys = lora_b.transpose(0, 1)  # [out_total, num_slots, r_max]
-    if meta.num_active > 1 and b_phys.is_contiguous():
-        grouped_calls = meta.num_active * (1 + num_slices) + 2
+    costs = _ref_costs(y.shape[1], num_slices, r_max, in_f, lora_a.element_size(), b_phys.is_contiguous(), meta)
+    best = min(costs, key=costs.__getitem__)
+    if best == "compact":
+        _apply_dense_compact(y, x, lora_a, b_phys, slice_offsets, meta)
+    elif best == "dense":
+        lo = meta.slot_ids_list[0]
+        _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo, meta.slot_ids_list[-1] - lo + 1)
+    else:
+        _apply_grouped(y, x, lora_a, lora_b, slice_offsets, meta)
+
+
+def _ref_costs(
+    out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, slot_minor_b: bool, meta: LoraMeta
+) -> dict[str, float]:
+    """Estimated seconds of lora_apply_ref's strategies for this step and shape (cached on meta):
+    grouped always; dense over the slot range and compact (the active slots copied side by side) when
+    several slots are active and B is the slot-minor buffer."""
+    key = ("ref-costs", out_total, num_slices, r_max, in_f, elem, slot_minor_b)
+    if key in meta.cache:
+        return meta.cache[key]
+    costs = {"grouped": (meta.num_active * (1 + num_slices) + 2) * _CALL_SECONDS}
+    if meta.num_active > 1 and slot_minor_b:
+        span = meta.slot_ids_list[-1] - meta.slot_ids_list[0] + 1
         dense_calls = 2 + 2 * num_slices
-        wasted = 2 * (meta.num_tokens * span - meta.num_lora_tokens) * r_max * (num_slices * in_f + y.shape[1])
-        if (grouped_calls - dense_calls) * _CALL_SECONDS > wasted / _FLOPS_PER_SECOND:
-            _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo, span)
-            return
-    _apply_grouped(y, x, lora_a, lora_b, slice_offsets, meta)
+        per_token = r_max * (num_slices * in_f + out_total)
+        wasted = 2 * (meta.num_tokens * span - meta.num_lora_tokens) * per_token
+        costs["dense"] = dense_calls * _CALL_SECONDS + wasted / _FLOPS_PER_SECOND
+        if span > meta.num_active:
+            compact_wasted = 2 * (meta.num_tokens * meta.num_active - meta.num_lora_tokens) * per_token
+            copied = 2 * meta.num_active * per_token * elem
+            costs["compact"] = (dense_calls + 2) * _CALL_SECONDS + compact_wasted / _FLOPS_PER_SECOND
+            costs["compact"] += copied / _COPY_BYTES_PER_SECOND
+    meta.cache[key] = costs
+    return costs
 
 
 def _shrink_one(x: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
@@ -94,6 +120,18 @@ def _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo: int, span: int) 
         y[:, c0:c1].addmm_(h[:, :, j].reshape(t, span * r_max), b_range.T)
 
 
+def _apply_dense_compact(y, x, lora_a, b_phys, slice_offsets, meta) -> None:
+    """_apply_dense over only the step's active slots (copied side by side), not the whole slot range."""
+    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
+    t, k = x.shape[0], meta.num_active
+    a_act = lora_a.index_select(0, meta.slot_ids).view(k * num_slices * r_max, in_f)
+    h = F.linear(x, a_act).view(t, k, num_slices, r_max)
+    h = h * meta.active_onehot(h.dtype)[:, :, None, None]  # keep each token's own slot only
+    b_act = b_phys.index_select(1, meta.slot_ids)  # [out_total, k, r_max]
+    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
+        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, k * r_max), b_act[c0:c1].view(c1 - c0, k * r_max).T)
+
+
 def lora_linear_cpu(
     x: torch.Tensor,  # [T, in]
     weight_ext: torch.Tensor,  # [out_total + num_slots * num_slices * r_max, in]: W, then every slot's A rows
@@ -102,6 +140,7 @@ def lora_linear_cpu(
     lora_b: torch.Tensor,  # [num_slots, out_total, r_max] view of the slot-minor buffer
     slice_offsets: list[int],
     meta: LoraMeta,
+    packed: torch.Tensor | None = None,  # oneDNN-packed W (kernels/cpu_linear.py) for the separate plan
 ) -> torch.Tensor:
     """y = x W^T + b + every token's LoRA delta, on CPU.
 
@@ -114,10 +153,11 @@ def lora_linear_cpu(
     key = ("plan", slice_offsets[-1], num_slices, r_max, in_f)
     plan = meta.cache.get(key)
     if plan is None:
-        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, meta)
+        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, x.element_size(), meta)
     out_total = slice_offsets[-1]
     if plan == "separate":
-        y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
+        bias = None if bias_ext is None else bias_ext[:out_total]
+        y = F.linear(x, weight_ext[:out_total], bias) if packed is None else packed_linear(x, packed, bias)
         lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta)
         return y
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
@@ -156,12 +196,12 @@ def lora_linear_cpu(
     return y
 
 
-def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, meta: LoraMeta) -> str:
+def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, meta: LoraMeta) -> str:
     """Cheapest exact way under the cost model: 'separate' | 'fused-single' | 'fused-dense' | 'fused-grouped'."""
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
     span = hi - lo + 1
     fused_shrink = 2 * t * (hi + 1) * num_slices * r_max * in_f / _FLOPS_PER_SECOND
-    separate = (meta.num_active * (1 + num_slices) + 2) * _CALL_SECONDS
+    separate = min(_ref_costs(out_total, num_slices, r_max, in_f, elem, True, meta).values())
     if meta.is_single_full:
         return "fused-single" if fused_shrink + num_slices * _CALL_SECONDS < separate else "separate"
     dense = (1 + 2 * num_slices) * _CALL_SECONDS + 2 * t * span * r_max * out_total / _FLOPS_PER_SECOND

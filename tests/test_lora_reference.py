@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraplex.kernels import build_lora_meta
-from loraplex.kernels.reference import _apply_dense, _apply_grouped, lora_apply_ref
+from loraplex.kernels.reference import _apply_dense, _apply_dense_compact, _apply_grouped, lora_apply_ref
 
 
 def _case(num_tokens: int, num_slots: int, slices: list[int], r_max: int, in_f: int, seed: int):
@@ -33,7 +33,7 @@ def _loop(x, y, a, b, offsets, token_slot):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "dense", "auto"])
+@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "auto"])
 @pytest.mark.parametrize(
     "num_tokens, num_slots, slices, r_max, in_f, seed",
     [
@@ -56,6 +56,8 @@ def test_cpu_path_matches_loop(strategy, num_tokens, num_slots, slices, r_max, i
     out = y.clone()
     if strategy == "grouped":
         _apply_grouped(out, x, a, b, offsets, meta)
+    elif strategy == "compact":
+        _apply_dense_compact(out, x, a, b.transpose(0, 1), offsets, meta)
     elif strategy == "dense":
         lo = meta.slot_ids_list[0]
         _apply_dense(out, x, a, b.transpose(0, 1), offsets, meta, lo, meta.slot_ids_list[-1] - lo + 1)
