@@ -26,7 +26,7 @@ import torch
 from ..adapter_cache.cache import AdapterCache
 from ..adapter_cache.sources import AdapterSources
 from ..config import Config
-from ..errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError
+from ..errors import AdapterNotFoundError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.request import SamplingParams
 from ..scheduler.scheduler import Scheduler
@@ -101,7 +101,7 @@ class Engine:
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.model_name = config.model or self.model_dir.name
-        hf_cfg = load_hf_config(self.model_dir)
+        self.hf_config = hf_cfg = load_hf_config(self.model_dir)
         if config.dtype == "auto":
             dtype = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None) or torch.float32
             self.dtype = DTYPES.get(str(dtype).removeprefix("torch."), torch.float32)
@@ -170,9 +170,9 @@ class Engine:
         host copies of its weights (wake_up)."""
         cfg = self.config
         slots = (cfg.max_active_adapters, cfg.max_lora_rank)
-        model, spec = load_model(self.model_dir, self.dtype, self.device, lora_slots=slots, weights=weights)
-        if spec != self.spec:
-            raise ModelLoadError(f"the model in {self.model_dir} changed while the server ran")
+        model, _ = load_model(
+            self.model_dir, self.dtype, self.device, lora_slots=slots, weights=weights, hf_config=self.hf_config
+        )
         block_bytes = ModelRunner.kv_bytes_per_block(self.spec, cfg.block_size, self.dtype)
         num_blocks = max(2, int(cfg.kv_cache_gib * 2**30) // block_bytes)
         self.model = model

@@ -169,13 +169,15 @@ def load_model(
     device: torch.device | str = "cpu",
     lora_slots: tuple[int, int] | None = None,
     weights: list[tuple[str, torch.Tensor]] | None = None,
+    hf_config=None,
 ) -> tuple[CausalLM, ModelSpec]:
     """Build the CausalLM for model_dir and fill it from its safetensors (fusing q|k|v and gate|up), or
     from `weights` ((checkpoint name, tensor) pairs, e.g. export_weights' host copies) when given.
 
     lora_slots=(num_slots, r_max) allocates the LoRA slot buffers first, so each weight is copied once,
-    from the memory-mapped file straight into its final place (no intermediate tensors)."""
-    cfg = load_hf_config(model_dir)
+    from the memory-mapped file straight into its final place (no intermediate tensors). hf_config: the
+    model's config when the caller has read it already (load_hf_config)."""
+    cfg = hf_config if hf_config is not None else load_hf_config(model_dir)
     spec = ModelSpec.from_hf_config(cfg)
     if weights is None:
         files = _safetensors_files(model_dir)
