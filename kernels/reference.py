@@ -111,25 +111,30 @@ def _apply_grouped(y, x, lora_a, lora_b, slice_offsets, meta) -> None:
 
 def _apply_dense(y, x, lora_a, b_phys, slice_offsets, meta, lo: int, span: int) -> None:
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    t = x.shape[0]
     a_range = lora_a[lo : lo + span].view(span * num_slices * r_max, in_f)  # contiguous slots lo..hi
-    h = F.linear(x, a_range).view(t, span, num_slices, r_max)
-    h = h * meta.slot_onehot(lo, span, h.dtype)[:, :, None, None]  # keep each token's own slot only
-    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
-        b_range = b_phys[c0:c1, lo : lo + span].reshape(c1 - c0, span * r_max)  # a view: rows stride S * r_max
-        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, span * r_max), b_range.T)
+    h = F.linear(x, a_range).view(x.shape[0], span, num_slices, r_max)
+    _dense_expand(y, h, b_phys[:, lo : lo + span], meta.slot_onehot(lo, span, h.dtype), slice_offsets)
 
 
 def _apply_dense_compact(y, x, lora_a, b_phys, slice_offsets, meta) -> None:
     """_apply_dense over only the step's active slots (copied side by side), not the whole slot range."""
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    t, k = x.shape[0], meta.num_active
+    k = meta.num_active
     a_act = lora_a.index_select(0, meta.slot_ids).view(k * num_slices * r_max, in_f)
-    h = F.linear(x, a_act).view(t, k, num_slices, r_max)
-    h = h * meta.active_onehot(h.dtype)[:, :, None, None]  # keep each token's own slot only
+    h = F.linear(x, a_act).view(x.shape[0], k, num_slices, r_max)
     b_act = b_phys.index_select(1, meta.slot_ids)  # [out_total, k, r_max]
+    _dense_expand(y, h, b_act, meta.active_onehot(h.dtype), slice_offsets)
+
+
+def _dense_expand(y, h, b_sel, onehot, slice_offsets) -> None:
+    """y += each token's own slot's expand, for every slot of a selection at once: h [T, k, num_slices,
+    r_max] (every token shrunk by each selected slot), b_sel [out_total, k, r_max], onehot [T, k] (1 where
+    the selected slot is the token's own). One matmul per output slice."""
+    t, k, _, r_max = h.shape
+    h = h * onehot[:, :, None, None]  # keep each token's own slot only
     for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
-        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, k * r_max), b_act[c0:c1].view(c1 - c0, k * r_max).T)
+        b = b_sel[c0:c1].reshape(c1 - c0, k * r_max)  # a view for a slot range: rows stride num_slots * r_max
+        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, k * r_max), b.T)
 
 
 def lora_linear_cpu(
@@ -178,11 +183,7 @@ def lora_linear_cpu(
     if plan == "fused-dense":
         span = hi - lo + 1
         b_phys = lora_b.transpose(0, 1)  # [out_total, num_slots, r_max]
-        hr = h[:, lo:] * meta.slot_onehot(lo, span, h.dtype)[:, :, None, None]  # keep each token's own slot
-        for j in range(num_slices):
-            c0, c1 = slice_offsets[j], slice_offsets[j + 1]
-            b_range = b_phys[c0:c1, lo : lo + span].reshape(c1 - c0, span * r_max)
-            y[:, c0:c1].addmm_(hr[:, :, j].reshape(t, span * r_max), b_range.T)
+        _dense_expand(y, h[:, lo:], b_phys[:, lo : lo + span], meta.slot_onehot(lo, span, h.dtype), slice_offsets)
         return y
     hs = h.index_select(0, meta.sorted_idx)  # [num_lora_tokens, hi + 1, num_slices, r_max]
     delta = torch.zeros(hs.shape[0], out_total, dtype=y.dtype, device=y.device)
