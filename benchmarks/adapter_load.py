@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchutil import cpu_name
 from safetensors.torch import load_file
 
 from loraplex.adapter_cache.demo import (
@@ -275,17 +276,9 @@ def tpot_rounds(engine: Engine, prompt_ids: list[int], running: list[str], cold:
 
 # ---- main -------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return dict(
         platform=platform.platform(),
-        cpu=cpu,
+        cpu=cpu_name(),
         cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch=torch.__version__,

@@ -27,7 +27,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+from benchutil import cpu_name, free_port, write_results_section
 
 from loraplex.bench import BenchConfig, BenchResult, LengthSpec, popularity_weights, run_benchmark
 from loraplex.bench_stats import plot_sweep, table
@@ -70,12 +70,6 @@ def prepare(num_adapters: int, rank: int) -> tuple[Path, Path, list[str]]:
             )
             write_lora_adapter(adapter_dir / name, spec, shapes, str(model_dir), dtype=torch.bfloat16)
     return model_dir, adapter_dir, names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -298,15 +292,7 @@ def versions(args) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
 
@@ -526,13 +512,7 @@ Every point (closed loop, then Poisson rates until saturation):
 
 {images}
 {MARK_END}"""
-    body = results.read_text()
-    if MARK_BEGIN in body:
-        body = body[: body.index(MARK_BEGIN)] + section + body[body.index(MARK_END) + len(MARK_END) :]
-    else:
-        body += f"\n## Load test: loraplex vs naive PEFT vs vLLM CPU (issue 8)\n\n{section}\n"
-    results.write_text(body)
-    print(f"updated {results}")
+    write_results_section(section, MARK_BEGIN, MARK_END, "Load test: loraplex vs naive PEFT vs vLLM CPU (issue 8)", results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchutil import write_results_section
 
 PROJECTIONS = {  # name: (in_features, output slice widths)
     "qkv": (4096, [4096, 1024, 1024]),
@@ -140,18 +141,11 @@ def main() -> None:
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
     if args.write_results:
-        results = Path(__file__).with_name("RESULTS.md")
         section = (
             f"{MARK_BEGIN}\n`python benchmarks/kernel_bench.py --dtype {args.dtype} --write-results` on {name}, "
             f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}:\n\n{text}\n{MARK_END}"
         )
-        body = results.read_text()
-        if MARK_BEGIN in body:
-            body = body[: body.index(MARK_BEGIN)] + section + body[body.index(MARK_END) + len(MARK_END) :]
-        else:
-            body += f"\n## LoRA kernels (issue 5)\n\n{section}\n"
-        results.write_text(body)
-        print(f"updated {results}")
+        write_results_section(section, MARK_BEGIN, MARK_END, "LoRA kernels (issue 5)")
 
 
 if __name__ == "__main__":
