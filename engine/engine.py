@@ -163,7 +163,7 @@ class Engine:
         # Idle offload (offload() / wake_up()): None while the model is on the device, else the mode.
         self.offloaded: str | None = None
         self._host_weights: list[tuple[str, torch.Tensor]] | None = None
-        self.offload_stats = {"offloads": 0, "wakeups": 0, "wakeup_seconds_sum": 0.0, "last_wakeup_seconds": 0.0}
+        self.offload_stats = {"offloads": 0, "wakeups": 0, "wakeup_seconds_sum": 0.0}
 
     def _build_model(self, weights: list[tuple[str, torch.Tensor]] | None = None) -> None:
         """Base model with its LoRA slots and the KV cache on the device, from the checkpoint or from
@@ -218,7 +218,6 @@ class Engine:
         stats = self.offload_stats
         stats["wakeups"] += 1
         stats["wakeup_seconds_sum"] += seconds
-        stats["last_wakeup_seconds"] = seconds
         log.info("woke the model up from %s offload in %.2f s", mode, seconds)
 
     def device_bytes(self) -> int:
