@@ -230,7 +230,7 @@ class Engine:
         total = 0
         tensors = [*model.parameters(), model.lm_head_packed]
         for lin in model.lora_linears():
-            tensors += [lin.weight_ext, lin.bias_ext, lin.lora_b, lin.packed]
+            tensors += [lin.weight_ext, lin.bias_ext, lin.lora_b, lin.packed, lin.lora_at, *(lin.lora_bt or [])]
         tensors += [t for kv in runner.kv_caches for t in kv]
         for t in tensors:
             if t is None:

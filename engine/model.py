@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,8 @@ class LoraLinear(nn.Module):
       weight = weight_ext[:out_total]                               # [out_total, in]
       lora_a = weight_ext[out_total:] as [num_slots, num_slices, r_max, in]
       lora_b = [num_slots, out_total, r_max] view of a slot-minor [out_total, num_slots, r_max] buffer (scaled)
+    On CPU the slots are also kept as row tables (lora_at, lora_bt: kernels/reference.py) for the per-token
+    rows strategy of decode steps; memory: one more copy of the slot buffers.
     """
 
     def __init__(self, in_features: int, slice_sizes: list[int], bias: bool, **factory) -> None:
@@ -143,6 +146,8 @@ class LoraLinear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN-packed W (16-bit CPU), see kernels/cpu_linear.py
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.lora_at: torch.Tensor | None = None  # CPU: [num_slots * in, num_slices * r_max]
+        self.lora_bt: list[torch.Tensor] | None = None  # CPU: per slice [num_slots * r_max, width]
 
     def allocate_lora(self, num_slots: int, r_max: int, *, copy_weight: bool = True) -> None:
         """Allocate the slot buffers and move W (and bias) into the front of weight_ext. With
@@ -166,6 +171,12 @@ class LoraLinear(nn.Module):
             self.bias_ext = bias_ext
             self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
         self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
+        if w.device.type == "cpu" and os.environ.get("LORAPLEX_CPU_LORA_ROWS", "1") != "0":  # 0: A/B switch
+            self.lora_at = lazy_zeros((num_slots * in_f, num_slices * r_max), w.dtype, w.device)
+            self.lora_bt = [
+                lazy_zeros((num_slots * r_max, c1 - c0), w.dtype, w.device)
+                for c0, c1 in zip(self.slice_offsets, self.slice_offsets[1:], strict=False)
+            ]
         if copy_weight:
             self.pack()
 
@@ -180,12 +191,21 @@ class LoraLinear(nn.Module):
             # this packed base matmul plus a separate LoRA pass.
             y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
             if meta is not None:
-                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta)
+                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta, self.lora_at, self.lora_bt)
             return y
         if self.weight_ext is None:
             return F.linear(x, self.weight, self.bias)  # [T, out_total]
         return lora_linear(
-            x, self.weight_ext, self.bias_ext, self.lora_a, self.lora_b, self.slice_offsets, meta, self.packed
+            x,
+            self.weight_ext,
+            self.bias_ext,
+            self.lora_a,
+            self.lora_b,
+            self.slice_offsets,
+            meta,
+            self.packed,
+            self.lora_at,
+            self.lora_bt,
         )
 
 
@@ -331,13 +351,25 @@ def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], t
     """Copy one adapter into device slot `slot` of every layer (zeroing what it does not target).
 
     weights: (layer, module) -> (A [r, in], B [out, r] scaled). Ranks below r_max stay zero-padded.
+    The CPU row tables get the same values (rows of slot `slot`: A transposed, B transposed).
     """
+    r_max = model.lora_r_max
     for layer in model.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
             lin.lora_a[slot].zero_()
             lin.lora_b[slot].zero_()
+            if lin.lora_at is not None and lin.lora_bt is not None:
+                in_f = lin.lora_a.shape[3]
+                lin.lora_at[slot * in_f : (slot + 1) * in_f].zero_()
+                for bt in lin.lora_bt:
+                    bt[slot * r_max : (slot + 1) * r_max].zero_()
     for (layer_idx, module), (a, b) in weights.items():
         lin, i = model.lora_linear(layer_idx, module)
         r = a.shape[0]
         lin.lora_a[slot, i, :r].copy_(a)
         lin.lora_b[slot, lin.slice_offsets[i] : lin.slice_offsets[i + 1], :r].copy_(b)
+        if lin.lora_at is not None and lin.lora_bt is not None:
+            in_f = a.shape[1]
+            at = lin.lora_at[slot * in_f : (slot + 1) * in_f].view(in_f, -1, r_max)  # [in, num_slices, r_max]
+            at[:, i, :r].copy_(a.T)
+            lin.lora_bt[i][slot * r_max : slot * r_max + r].copy_(b.T)

@@ -39,16 +39,19 @@ def lora_linear(
     slice_offsets: list[int],
     meta: LoraMeta | None,
     packed: torch.Tensor | None = None,
+    lora_at: torch.Tensor | None = None,
+    lora_bt: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b (+ every token's LoRA delta), W = weight_ext[:out_total] and lora_a = the rows below it.
 
     x: [T, in]; weight_ext: [out_total + num_slots * num_slices * r_max, in]; returns y: [T, out_total]
     (on CPU possibly a column slice of a wider result: a strided view). packed: W packed by
-    cpu_linear.pack_weight, used by the CPU path when the base matmul runs on its own.
+    cpu_linear.pack_weight, used by the CPU path when the base matmul runs on its own. lora_at / lora_bt:
+    the CPU row tables of the same slots (reference.py), or None.
     """
     out_total = slice_offsets[-1]
     if meta is not None and not (_backend() == "triton" or (x.is_cuda and _backend() != "torch")):
-        return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta, packed)
+        return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta, packed, lora_at, lora_bt)
     y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
     if meta is not None:
         lora_apply(y, x, lora_a, lora_b, slice_offsets, meta)
@@ -62,6 +65,8 @@ def lora_apply(
     lora_b: torch.Tensor,
     slice_offsets: list[int],
     meta: LoraMeta,
+    lora_at: torch.Tensor | None = None,
+    lora_bt: list[torch.Tensor] | None = None,
 ) -> None:
     """Add every token's own LoRA delta to y in place (see reference.py for the math and layouts).
 
@@ -76,4 +81,4 @@ def lora_apply(
         h = lora_shrink(x, lora_a, meta)  # [num_tokens, num_slices, r_max] fp32
         lora_expand(y, h, lora_b, slice_offsets, meta)
     else:
-        lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta)
+        lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta, lora_at, lora_bt)

@@ -5,6 +5,9 @@ Weights live in stacked device-slot buffers (one pair per fused projection of on
     lora_b: [num_slots, out_total, r_max]        scale (alpha / r or alpha / sqrt(r)) already folded in
     slice_offsets: [num_slices + 1] column offsets of each output slice in y (q | k | v, gate | up)
 Ranks below r_max are zero-padded, so padding contributes nothing.
+On CPU the same weights are also kept as row tables, for the per-token "rows" strategy:
+    lora_at: [num_slots * in_features, num_slices * r_max]   row (s, i) = every slice's A[s, :, :, i]
+    lora_bt: one [num_slots * r_max, width_i] per slice       row (s, k) = B[s, off[i]:off[i+1], k]
 
 Math, as a loop over tokens t with slot s = token_slot[t] >= 0 and slice i:
     h[t, i] = x[t] @ lora_a[s, i].T                                   # shrink
@@ -24,6 +27,10 @@ from .meta import LoraMeta
 _CALL_SECONDS = 20e-6
 _FLOPS_PER_SECOND = 1e11
 _COPY_BYTES_PER_SECOND = 1e10
+# The rows strategy: embedding_bag reads weight rows in place at 20-27 GB/s here, and its calls (bag sums,
+# index_select, add) cost ~10 us each, less than a small 16-bit matmul.
+_ROW_CALL_SECONDS = 10e-6
+_ROW_BYTES_PER_SECOND = 2.5e10
 
 
 def lora_apply_ref(
@@ -33,21 +40,32 @@ def lora_apply_ref(
     lora_b: torch.Tensor,
     slice_offsets: list[int],
     meta: LoraMeta,
+    lora_at: torch.Tensor | None = None,
+    lora_bt: list[torch.Tensor] | None = None,
 ) -> None:
     """Shrink + expand for the CPU path, in x's dtype (like PEFT's own forward). y += delta in place.
 
-    Two exact strategies; the cheaper one under the cost model above is taken:
+    Exact strategies; the cheapest one under the cost model above is taken:
     - grouped: one matmul pair per distinct slot (per slice for the expand), skipping rank padding;
     - dense: when many slots are active in a short step, every token is multiplied by all slots of the
       contiguous slot range [lo, hi] in one matmul, the rows of other slots are zeroed by a one-hot mask,
-      and each slice's expand is one matmul over the range: a few large calls instead of many tiny ones.
+      and each slice's expand is one matmul over the range: a few large calls instead of many tiny ones;
+    - compact: dense over only the active slots, copied side by side;
+    - rows (with the row tables lora_at / lora_bt): embedding_bag reads each token's own A and B rows in
+      place, weighted by x and by h: one call for the shrink and one per slice for the expand, and only the
+      bytes of the adapters the step uses (the decode case: many adapters, few tokens each).
     y: [num_tokens, out_total]; x: [num_tokens, in_features].
     """
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
     b_phys = lora_b.transpose(0, 1)  # [out_total, num_slots, r_max]
-    costs = _ref_costs(y.shape[1], num_slices, r_max, in_f, lora_a.element_size(), b_phys.is_contiguous(), meta)
+    has_rows = lora_at is not None and lora_bt is not None
+    costs = _ref_costs(
+        y.shape[1], num_slices, r_max, in_f, lora_a.element_size(), b_phys.is_contiguous(), meta, has_rows
+    )
     best = min(costs, key=costs.__getitem__)
-    if best == "compact":
+    if best == "rows":
+        _apply_rows(y, x, lora_at, lora_bt, slice_offsets, meta, r_max)
+    elif best == "compact":
         _apply_dense_compact(y, x, lora_a, b_phys, slice_offsets, meta)
     elif best == "dense":
         lo = meta.slot_ids_list[0]
@@ -57,15 +75,29 @@ def lora_apply_ref(
 
 
 def _ref_costs(
-    out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, slot_minor_b: bool, meta: LoraMeta
+    out_total: int,
+    num_slices: int,
+    r_max: int,
+    in_f: int,
+    elem: int,
+    slot_minor_b: bool,
+    meta: LoraMeta,
+    has_rows: bool = False,
 ) -> dict[str, float]:
     """Estimated seconds of lora_apply_ref's strategies for this step and shape (cached on meta):
     grouped always; dense over the slot range and compact (the active slots copied side by side) when
-    several slots are active and B is the slot-minor buffer."""
-    key = ("ref-costs", out_total, num_slices, r_max, in_f, elem, slot_minor_b)
+    several slots are active and B is the slot-minor buffer; rows when the row tables exist."""
+    key = ("ref-costs", out_total, num_slices, r_max, in_f, elem, slot_minor_b, has_rows)
     if key in meta.cache:
         return meta.cache[key]
     costs = {"grouped": (meta.num_active * (1 + num_slices) + 2) * _CALL_SECONDS}
+    if has_rows:
+        token_ranks = sum(
+            (meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]) * _rank(r, r_max)
+            for i, r in enumerate(meta.slot_ranks_list)
+        )
+        row_bytes = (meta.num_lora_tokens * in_f * num_slices * r_max + token_ranks * out_total) * elem
+        costs["rows"] = (2 + 3 * num_slices) * _ROW_CALL_SECONDS + row_bytes / _ROW_BYTES_PER_SECOND
     if meta.num_active > 1 and slot_minor_b:
         span = meta.slot_ids_list[-1] - meta.slot_ids_list[0] + 1
         dense_calls = 2 + 2 * num_slices
@@ -81,10 +113,15 @@ def _ref_costs(
     return costs
 
 
+def _rank(rank: int, r_max: int) -> int:
+    """The rank to compute with: the slot's true rank when known, else r_max (padding is zero)."""
+    return rank if 0 < rank <= r_max else r_max
+
+
 def _shrink_one(x: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
     """x [n, in] @ a[:, :rank]^T for every slice of one slot's a [num_slices, r_max, in] -> [n, num_slices * rank]."""
     num_slices, r_max, in_f = a.shape
-    rank = rank if 0 < rank <= r_max else r_max
+    rank = _rank(rank, r_max)
     flat = a.view(num_slices * r_max, in_f) if rank == r_max else a[:, :rank].reshape(num_slices * rank, in_f)
     return F.linear(x, flat)
 
@@ -126,6 +163,69 @@ def _apply_dense_compact(y, x, lora_a, b_phys, slice_offsets, meta) -> None:
     _dense_expand(y, h, b_act, meta.active_onehot(h.dtype), slice_offsets)
 
 
+def _row_indices(meta: LoraMeta, in_f: int, num_slices: int, r_max: int) -> tuple:
+    """Index arrays of the rows strategy for this step (cached on meta). Bags follow token order; a
+    base-only token gets empty bags (embedding_bag's sum of nothing: a zero row).
+
+    Running example: token_slot = [2, -1, 0], in_f = 3, num_slices = 2, r_max = 2, ranks: slot 0 -> 1, slot 2 -> 2
+      a_idx = [6, 7, 8, 0, 1, 2]   rows s * in_f + i of lora_at, token by token
+      a_off = [0, 3, 3]            token 1 has an empty bag
+      b_idx = [4, 5, 0]            rows s * r_max + k of each slice's lora_bt, k < the slot's rank
+      b_off = [0, 2, 2]
+      h_idx = [[0, 1, 8], [2, 3, 10]]   per slice j: where each b_idx weight sits in h.view(-1) (h [3, 2 * 2])
+    """
+    key = ("rows", in_f, num_slices, r_max)
+    if key not in meta.cache:
+        slot = meta.token_slot  # [T]
+        dev = slot.device
+        is_lora = slot >= 0
+        rows = is_lora.nonzero().view(-1)  # [num_lora_tokens] token indices, in token order
+        slot_l = slot.index_select(0, rows)
+        rank_of = torch.zeros(meta.slot_ids_list[-1] + 1, dtype=torch.int64)
+        rank_of[meta.slot_ids_list] = torch.tensor([_rank(r, r_max) for r in meta.slot_ranks_list])
+        rank_l = rank_of.to(dev).index_select(0, slot_l)  # [num_lora_tokens]
+
+        def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(counts, 0) - counts
+
+        a_idx = (slot_l[:, None] * in_f + torch.arange(in_f, device=dev)).view(-1)
+        a_off = exclusive_cumsum(is_lora.to(torch.int64) * in_f)
+        k = torch.arange(r_max, device=dev)
+        keep = (k[None, :] < rank_l[:, None]).view(-1)  # [num_lora_tokens * r_max]
+        b_idx = (slot_l[:, None] * r_max + k).view(-1)[keep]
+        b_off = exclusive_cumsum(torch.zeros_like(slot).index_put_((rows,), rank_l))
+        h_idx0 = (rows[:, None] * (num_slices * r_max) + k).view(-1)[keep]
+        h_idx = [h_idx0 + j * r_max for j in range(num_slices)]
+        meta.cache[key] = (a_idx, a_off, b_idx, b_off, h_idx, None if meta.num_lora_tokens == meta.num_tokens else rows)
+    return meta.cache[key]
+
+
+def _apply_rows(y, x, lora_at, lora_bt, slice_offsets, meta, r_max: int) -> None:
+    num_slices = len(slice_offsets) - 1
+    in_f = x.shape[1]
+    a_idx, a_off, b_idx, b_off, h_idx, lora_rows = _row_indices(meta, in_f, num_slices, r_max)
+    xs = x if lora_rows is None else x.index_select(0, lora_rows)  # the shrink's weights: LoRA tokens' x
+    h = F.embedding_bag(a_idx, lora_at, a_off, mode="sum", per_sample_weights=xs.reshape(-1))  # [T, slices * r_max]
+    h_flat = h.view(-1)
+    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
+        weights = h_flat.index_select(0, h_idx[j])
+        y[:, c0:c1] += F.embedding_bag(b_idx, lora_bt[j], b_off, mode="sum", per_sample_weights=weights)
+
+
+def row_tables(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, slice_offsets: list[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The rows strategy's tables (lora_at, lora_bt; see the top of this file) built from the slot
+    buffers lora_a [num_slots, num_slices, r_max, in] and lora_b [num_slots, out_total, r_max]."""
+    num_slots, num_slices, r_max, in_f = lora_a.shape
+    lora_at = lora_a.permute(0, 3, 1, 2).reshape(num_slots * in_f, num_slices * r_max).contiguous()
+    lora_bt = [
+        lora_b[:, c0:c1].transpose(1, 2).reshape(num_slots * r_max, c1 - c0).contiguous()
+        for c0, c1 in zip(slice_offsets, slice_offsets[1:], strict=False)
+    ]
+    return lora_at, lora_bt
+
+
 def _dense_expand(y, h, b_sel, onehot, slice_offsets) -> None:
     """y += each token's own slot's expand, for every slot of a selection at once: h [T, k, num_slices,
     r_max] (every token shrunk by each selected slot), b_sel [out_total, k, r_max], onehot [T, k] (1 where
@@ -146,6 +246,8 @@ def lora_linear_cpu(
     slice_offsets: list[int],
     meta: LoraMeta,
     packed: torch.Tensor | None = None,  # oneDNN-packed W (kernels/cpu_linear.py) for the separate plan
+    lora_at: torch.Tensor | None = None,  # the row tables (top of this file), for the rows strategy
+    lora_bt: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b + every token's LoRA delta, on CPU.
 
@@ -155,15 +257,17 @@ def lora_linear_cpu(
     the same shapes, so the choice is made once per step and shape (cached on meta).
     """
     num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
+    has_rows = lora_at is not None and lora_bt is not None
     key = ("plan", slice_offsets[-1], num_slices, r_max, in_f)
     plan = meta.cache.get(key)
     if plan is None:
-        plan = meta.cache[key] = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, x.element_size(), meta)
+        plan = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, x.element_size(), meta, has_rows)
+        meta.cache[key] = plan
     out_total = slice_offsets[-1]
     if plan == "separate":
         bias = None if bias_ext is None else bias_ext[:out_total]
         y = F.linear(x, weight_ext[:out_total], bias) if packed is None else packed_linear(x, packed, bias)
-        lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta)
+        lora_apply_ref(y, x, lora_a, lora_b, slice_offsets, meta, lora_at, lora_bt)
         return y
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
     per_slot = num_slices * r_max
@@ -197,12 +301,14 @@ def lora_linear_cpu(
     return y
 
 
-def _plan(t: int, out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, meta: LoraMeta) -> str:
+def _plan(
+    t: int, out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, meta: LoraMeta, has_rows: bool
+) -> str:
     """Cheapest exact way under the cost model: 'separate' | 'fused-single' | 'fused-dense' | 'fused-grouped'."""
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
     span = hi - lo + 1
     fused_shrink = 2 * t * (hi + 1) * num_slices * r_max * in_f / _FLOPS_PER_SECOND
-    separate = min(_ref_costs(out_total, num_slices, r_max, in_f, elem, True, meta).values())
+    separate = min(_ref_costs(out_total, num_slices, r_max, in_f, elem, True, meta, has_rows).values())
     if meta.is_single_full:
         return "fused-single" if fused_shrink + num_slices * _CALL_SECONDS < separate else "separate"
     dense = (1 + 2 * num_slices) * _CALL_SECONDS + 2 * t * span * r_max * out_total / _FLOPS_PER_SECOND

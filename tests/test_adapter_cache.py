@@ -24,6 +24,7 @@ from loraplex.adapter_cache.sources import AdapterSources
 from loraplex.engine.loader import load_hf_config, load_model
 from loraplex.engine.model import ModelSpec, write_lora_slot
 from loraplex.errors import AdapterError, AdapterFormatError, AdapterNotFoundError
+from loraplex.kernels.reference import row_tables
 
 NAMES = [f"ad{i}" for i in range(8)]
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -413,4 +414,9 @@ def test_writes_into_real_model_slots(world):
     slot3 = make_resident(cache, "ad3")
     assert slot3 != slot1  # loading another adapter leaves ad1's slot untouched
     assert torch.equal(lin.lora_a[slot1], before[0]) and torch.equal(lin.lora_b[slot1], before[1])
+    # The CPU row tables hold the same values as the slot buffers, for every module of every layer.
+    for every in model.lora_linears():
+        at, bt = row_tables(every.lora_a, every.lora_b, every.slice_offsets)
+        assert torch.equal(every.lora_at, at) and all(torch.equal(x, y) for x, y in zip(every.lora_bt, bt, strict=True))
+    assert lin.lora_at.any()
     cache.close()

@@ -1,4 +1,4 @@
-"""The CPU LoRA path (both of its strategies) against a per-token loop in float64."""
+"""The CPU LoRA path (every one of its strategies) against a per-token loop in float64."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from loraplex.kernels import build_lora_meta
-from loraplex.kernels.reference import _apply_dense, _apply_dense_compact, _apply_grouped, lora_apply_ref
+from loraplex.kernels.reference import (
+    _apply_dense,
+    _apply_dense_compact,
+    _apply_grouped,
+    _apply_rows,
+    _ref_costs,
+    lora_apply_ref,
+    row_tables,
+)
 
 
 def _case(num_tokens: int, num_slots: int, slices: list[int], r_max: int, in_f: int, seed: int):
@@ -33,7 +41,7 @@ def _loop(x, y, a, b, offsets, token_slot):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "auto"])
+@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "rows", "auto"])
 @pytest.mark.parametrize(
     "num_tokens, num_slots, slices, r_max, in_f, seed",
     [
@@ -61,11 +69,37 @@ def test_cpu_path_matches_loop(strategy, num_tokens, num_slots, slices, r_max, i
     elif strategy == "dense":
         lo = meta.slot_ids_list[0]
         _apply_dense(out, x, a, b.transpose(0, 1), offsets, meta, lo, meta.slot_ids_list[-1] - lo + 1)
+    elif strategy == "rows":
+        _apply_rows(out, x, *row_tables(a, b, offsets), offsets, meta, a.shape[2])
     else:
-        lora_apply_ref(out, x, a, b, offsets, meta)
+        lora_apply_ref(out, x, a, b, offsets, meta, *row_tables(a, b, offsets))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     untouched = [t for t, s in enumerate(token_slot) if s < 0]
     assert torch.equal(out[untouched], y[untouched])  # base-only tokens get exactly nothing added
+
+
+def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
+    """Slots of rank 2 in r_max 8: the rows strategy reads only the true ranks' rows of B, so garbage in
+    the padding rows of the B table changes nothing; and a decode-like step (a token per adapter over
+    many slots) is costed cheapest as rows."""
+    x, y, a, b, _, _ = _case(6, 12, [16, 8], 8, 24, 7)
+    a[:, :, 2:] = 0
+    b[:, :, 2:] = 0
+    token_slot = [11, 0, 5, -1, 5, 7]
+    meta = build_lora_meta(token_slot, [2] * 12)
+    at, bt = row_tables(a, b, [0, 16, 24])
+    for table in bt:
+        table.view(12, 8, -1)[:, 2:] = 1e6  # padding rows: must never be read
+    out = y.clone()
+    _apply_rows(out, x, at, bt, [0, 16, 24], meta, 8)
+    torch.testing.assert_close(out, _loop(x, y, a, b, [0, 16, 24], token_slot), rtol=1e-10, atol=1e-10)
+
+    decode = build_lora_meta(list(range(0, 32, 2)), [16] * 32)  # 16 tokens, 16 distinct of 32 slots
+    costs = _ref_costs(960, 3, 16, 576, 2, True, decode, has_rows=True)
+    assert min(costs, key=costs.__getitem__) == "rows", costs
+    prefill = build_lora_meta([3] * 300 + [9] * 200, [16] * 32)  # long prompts of two adapters
+    costs = _ref_costs(960, 3, 16, 576, 2, True, prefill, has_rows=True)
+    assert min(costs, key=costs.__getitem__) == "grouped", costs
 
 
 def test_single_slot_full_batch_skips_gather():

@@ -32,7 +32,10 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_mixed_batch_matches_transformers_peft(arch_setup):
+@pytest.mark.parametrize("rows", ["1", "0"], ids=["rows", "no-rows"])
+def test_mixed_batch_matches_transformers_peft(arch_setup, rows, monkeypatch):
+    """rows=0 takes away the CPU row tables, so the matmul strategies (grouped, dense, fused) serve."""
+    monkeypatch.setenv("LORAPLEX_CPU_LORA_ROWS", rows)
     arch, base, adapters = arch_setup
     engine = Engine(
         Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32", max_lora_rank=16)
