@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from .cpu_linear import packed_linear
 from .meta import LoraMeta
 
-# Cost model of the CPU path (2-core x86 figures): a small matmul costs ~20 us of fixed overhead, and
-# multiply-adds run at ~1e11 flop/s. Used only to choose between two exact ways of computing the same sum.
-_CALL_SECONDS = 20e-6
+# Cost model of the CPU path (2-core x86 figures): a small matmul costs a fixed ~10 us in float32 and ~50 us
+# in bfloat16 / float16 (oneDNN lays the weight out anew on every call), and multiply-adds run at ~1e11
+# flop/s. Used only to choose between exact ways of computing the same sum.
+_CALL_SECONDS = {2: 50e-6}  # by element size; others: _CALL_SECONDS_DEFAULT
+_CALL_SECONDS_DEFAULT = 10e-6
 _FLOPS_PER_SECOND = 1e11
 _COPY_BYTES_PER_SECOND = 1e10
 # The rows strategy: embedding_bag reads weight rows in place at 20-27 GB/s here, and its calls (bag sums,
@@ -90,7 +92,8 @@ def _ref_costs(
     key = ("ref-costs", out_total, num_slices, r_max, in_f, elem, slot_minor_b, has_rows)
     if key in meta.cache:
         return meta.cache[key]
-    costs = {"grouped": (meta.num_active * (1 + num_slices) + 2) * _CALL_SECONDS}
+    call = _call(elem)
+    costs = {"grouped": (meta.num_active * (1 + num_slices) + 2) * call}
     if has_rows:
         token_ranks = sum(
             (meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]) * _rank(r, r_max)
@@ -103,14 +106,19 @@ def _ref_costs(
         dense_calls = 2 + 2 * num_slices
         per_token = r_max * (num_slices * in_f + out_total)
         wasted = 2 * (meta.num_tokens * span - meta.num_lora_tokens) * per_token
-        costs["dense"] = dense_calls * _CALL_SECONDS + wasted / _FLOPS_PER_SECOND
+        costs["dense"] = dense_calls * call + wasted / _FLOPS_PER_SECOND
         if span > meta.num_active:
             compact_wasted = 2 * (meta.num_tokens * meta.num_active - meta.num_lora_tokens) * per_token
             copied = 2 * meta.num_active * per_token * elem
-            costs["compact"] = (dense_calls + 2) * _CALL_SECONDS + compact_wasted / _FLOPS_PER_SECOND
+            costs["compact"] = (dense_calls + 2) * call + compact_wasted / _FLOPS_PER_SECOND
             costs["compact"] += copied / _COPY_BYTES_PER_SECOND
     meta.cache[key] = costs
     return costs
+
+
+def _call(elem: int) -> float:
+    """Fixed seconds of one small matmul call for elements of `elem` bytes."""
+    return _CALL_SECONDS.get(elem, _CALL_SECONDS_DEFAULT)
 
 
 def _rank(rank: int, r_max: int) -> int:
@@ -261,7 +269,8 @@ def lora_linear_cpu(
     key = ("plan", slice_offsets[-1], num_slices, r_max, in_f)
     plan = meta.cache.get(key)
     if plan is None:
-        plan = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, x.element_size(), meta, has_rows)
+        elem = x.element_size()
+        plan = _plan(x.shape[0], slice_offsets[-1], num_slices, r_max, in_f, elem, meta, has_rows, packed is not None)
         meta.cache[key] = plan
     out_total = slice_offsets[-1]
     if plan == "separate":
@@ -302,17 +311,28 @@ def lora_linear_cpu(
 
 
 def _plan(
-    t: int, out_total: int, num_slices: int, r_max: int, in_f: int, elem: int, meta: LoraMeta, has_rows: bool
+    t: int,
+    out_total: int,
+    num_slices: int,
+    r_max: int,
+    in_f: int,
+    elem: int,
+    meta: LoraMeta,
+    has_rows: bool,
+    has_packed: bool = False,
 ) -> str:
     """Cheapest exact way under the cost model: 'separate' | 'fused-single' | 'fused-dense' | 'fused-grouped'."""
     lo, hi = meta.slot_ids_list[0], meta.slot_ids_list[-1]
     span = hi - lo + 1
+    call = _call(elem)
     fused_shrink = 2 * t * (hi + 1) * num_slices * r_max * in_f / _FLOPS_PER_SECOND
+    if has_packed:  # a fused plan gives up the packed base matmul: W is laid out anew, as in a copy of it
+        fused_shrink += out_total * in_f * elem / _COPY_BYTES_PER_SECOND
     separate = min(_ref_costs(out_total, num_slices, r_max, in_f, elem, True, meta, has_rows).values())
     if meta.is_single_full:
-        return "fused-single" if fused_shrink + num_slices * _CALL_SECONDS < separate else "separate"
-    dense = (1 + 2 * num_slices) * _CALL_SECONDS + 2 * t * span * r_max * out_total / _FLOPS_PER_SECOND
-    grouped = (meta.num_active * num_slices + 2) * _CALL_SECONDS
+        return "fused-single" if fused_shrink + num_slices * call < separate else "separate"
+    dense = (1 + 2 * num_slices) * call + 2 * t * span * r_max * out_total / _FLOPS_PER_SECOND
+    grouped = (meta.num_active * num_slices + 2) * call
     if fused_shrink + min(dense, grouped) >= separate:
         return "separate"
     return "fused-dense" if dense < grouped else "fused-grouped"

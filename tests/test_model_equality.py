@@ -93,25 +93,34 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
 
 
 def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
-    """16-bit CPU models take the oneDNN-packed base matmul for base-only and single-adapter steps:
-    its logits match the plain path's (packing off) in base-only, one-adapter and many-adapter steps."""
+    """16-bit CPU models take the oneDNN-packed base matmul and the per-token rows LoRA strategy (the
+    default); the plain path (packing and row tables off: F.linear and the matmul LoRA strategies) is the
+    yardstick. Against the float32 engine, the default path's logits are as close as the plain path's
+    (within bf16 rounding: different summation orders round differently, neither is exact), in base-only,
+    one-adapter and many-adapter steps."""
     arch, base, adapters = arch_setup
     names = list(adapters)
-    cfg = Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="bfloat16", max_lora_rank=16)
-    packed = Engine(cfg)
+    adapter_args = tuple((n, str(p)) for n, p in adapters.items())
+    cfg = Config(model=str(base), adapters=adapter_args, dtype="bfloat16", max_lora_rank=16)
+    exact = Engine(Config(model=str(base), adapters=adapter_args, dtype="float32", max_lora_rank=16))
+    default = Engine(cfg)
     monkeypatch.setenv("LORAPLEX_CPU_PACKED_LINEAR", "0")
+    monkeypatch.setenv("LORAPLEX_CPU_LORA_ROWS", "0")
     plain = Engine(cfg)
-    if packed.model.layers[0].qkv.packed is None:
+    if default.model.layers[0].qkv.packed is None:
         pytest.skip("no oneDNN packed linear in this torch build")
-    assert plain.model.layers[0].qkv.packed is None
+    assert plain.model.layers[0].qkv.packed is None and plain.model.layers[0].qkv.lora_at is None
+    assert default.model.layers[0].qkv.lora_at is not None
     prompts = _prompts(384)[:4]
     for which in ([None] * 4, [names[2]] * 4, [names[0], None, names[2], names[4]]):
         logits = []
-        for engine in (packed, plain):
+        for engine in (exact, default, plain):
             step = []
             for prompt, name in zip(prompts, which, strict=True):
                 blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(prompt), 0))
                 step.append(StepSeq(prompt, 0, blocks, engine.slot_of(name), True))
             logits.append(engine.runner.run(step))
-        scale = logits[1].abs().max()
-        torch.testing.assert_close(logits[0], logits[1], atol=0.03 * scale, rtol=0, msg=f"{arch} {which}")
+        scale = logits[0].abs().max()
+        err_default, err_plain = ((lg - logits[0]).abs().max() / scale for lg in logits[1:])
+        assert err_plain < 0.1, f"{arch} {which}: bf16 itself is off ({err_plain:.3f})"
+        assert err_default <= 1.5 * max(err_plain, 0.01), f"{arch} {which}: {err_default:.4f} vs {err_plain:.4f}"
