@@ -98,8 +98,11 @@ def _decode_attention(q, k_cache, v_cache, meta: AttnMeta) -> torch.Tensor:
     num_kv = k_cache.shape[1]
     b = meta.decode_rows.shape[0]
     qd = q.index_select(0, meta.decode_rows).view(b, num_kv, num_heads // num_kv, head_dim)  # [B, KVH, G, D]
-    kd = k_cache[meta.decode_kv_idx].permute(0, 2, 3, 1)  # [B, KVH, D, L]
-    vd = v_cache[meta.decode_kv_idx].transpose(1, 2)  # [B, KVH, L, D]
+    # index_select of the flat slots, not k_cache[idx]: the same gather, ~7x faster here on CPU
+    flat_idx = meta.decode_kv_idx.view(-1)  # [B * L]
+    max_len = meta.decode_kv_idx.shape[1]
+    kd = k_cache.index_select(0, flat_idx).view(b, max_len, num_kv, head_dim).permute(0, 2, 3, 1)  # [B, KVH, D, L]
+    vd = v_cache.index_select(0, flat_idx).view(b, max_len, num_kv, head_dim).transpose(1, 2)  # [B, KVH, L, D]
     scores = torch.matmul(qd, kd).float() * head_dim**-0.5  # [B, KVH, G, L]
     scores.masked_fill_(meta.decode_masked, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
@@ -127,7 +130,7 @@ def attention(
         if p.kv_idx is None:
             kp, vp = k[p.row_start : p.row_end], v[p.row_start : p.row_end]
         else:
-            kp, vp = k_cache[p.kv_idx], v_cache[p.kv_idx]
+            kp, vp = k_cache.index_select(0, p.kv_idx), v_cache.index_select(0, p.kv_idx)
         kp, vp = kp.transpose(0, 1)[None], vp.transpose(0, 1)[None]  # [1, KVH, kv_len, D]
         op = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=gqa
