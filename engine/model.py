@@ -347,29 +347,37 @@ class CausalLM(nn.Module):
         return F.linear(x, self.lm_head).float()
 
 
-def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy one adapter into device slot `slot` of every layer (zeroing what it does not target).
+_MODULE_OF = {(group, index): module for module, (group, index) in LORA_TARGETS.items()}
 
-    weights: (layer, module) -> (A [r, in], B [out, r] scaled). Ranks below r_max stay zero-padded.
-    The CPU row tables get the same values (rows of slot `slot`: A transposed, B transposed).
+
+def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy one adapter into device slot `slot` of every layer, zeroing what it does not fill (ranks below
+    r_max, modules it does not target), so nothing of the slot's previous adapter remains.
+
+    weights: (layer, module) -> (A [r, in], B [out, r] scaled). The CPU row tables get the same values
+    (rows of slot `slot`: A transposed, B transposed).
     """
     r_max = model.lora_r_max
-    for layer in model.layers:
-        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            lin.lora_a[slot].zero_()
-            lin.lora_b[slot].zero_()
-            if lin.lora_at is not None and lin.lora_bt is not None:
-                in_f = lin.lora_a.shape[3]
-                lin.lora_at[slot * in_f : (slot + 1) * in_f].zero_()
-                for bt in lin.lora_bt:
-                    bt[slot * r_max : (slot + 1) * r_max].zero_()
-    for (layer_idx, module), (a, b) in weights.items():
-        lin, i = model.lora_linear(layer_idx, module)
-        r = a.shape[0]
-        lin.lora_a[slot, i, :r].copy_(a)
-        lin.lora_b[slot, lin.slice_offsets[i] : lin.slice_offsets[i + 1], :r].copy_(b)
-        if lin.lora_at is not None and lin.lora_bt is not None:
-            in_f = a.shape[1]
-            at = lin.lora_at[slot * in_f : (slot + 1) * in_f].view(in_f, -1, r_max)  # [in, num_slices, r_max]
-            at[:, i, :r].copy_(a.T)
-            lin.lora_bt[i][slot * r_max : slot * r_max + r].copy_(b.T)
+    for layer_idx, layer in enumerate(model.layers):
+        for group in ("qkv", "o", "gate_up", "down"):
+            lin = getattr(layer, group)
+            in_f = lin.lora_a.shape[3]
+            at = None  # [in, num_slices, r_max]: this slot's rows of the A table
+            if lin.lora_at is not None:
+                at = lin.lora_at[slot * in_f : (slot + 1) * in_f].view(in_f, -1, r_max)
+            for i, (c0, c1) in enumerate(zip(lin.slice_offsets, lin.slice_offsets[1:], strict=False)):
+                a, b = weights.get((layer_idx, _MODULE_OF[(group, i)]), (None, None))
+                r = 0 if a is None else a.shape[0]
+                bt = None if lin.lora_bt is None else lin.lora_bt[i][slot * r_max : (slot + 1) * r_max]  # [r_max, width]
+                if a is not None and b is not None:
+                    lin.lora_a[slot, i, :r].copy_(a)
+                    lin.lora_b[slot, c0:c1, :r].copy_(b)
+                    if at is not None and bt is not None:
+                        at[:, i, :r].copy_(a.T)
+                        bt[:r].copy_(b.T)
+                if r < r_max:
+                    lin.lora_a[slot, i, r:].zero_()
+                    lin.lora_b[slot, c0:c1, r:].zero_()
+                    if at is not None and bt is not None:
+                        at[:, i, r:].zero_()
+                        bt[r:].zero_()

@@ -420,3 +420,24 @@ def test_writes_into_real_model_slots(world):
         assert torch.equal(every.lora_at, at) and all(torch.equal(x, y) for x, y in zip(every.lora_bt, bt, strict=True))
     assert lin.lora_at.any()
     cache.close()
+
+
+def test_a_slot_rewritten_keeps_nothing_of_its_previous_adapter(world):
+    """Every pair of the world's adapters (different ranks and targets): writing one into a slot that held
+    the other leaves the same buffers and row tables as writing it into a fresh slot."""
+    _, base, adapters, shapes = world
+    loaded = {n: load_peft_adapter(n, adapters / n, shapes, 16).weights for n in NAMES[:4]}
+    used, fresh = (load_model(base, torch.float32)[0] for _ in range(2))
+    for model in (used, fresh):
+        model.allocate_lora_slots(2, 16)
+    for first in loaded:
+        for second in loaded:
+            if first == second:
+                continue
+            write_lora_slot(used, 1, loaded[first])
+            write_lora_slot(used, 1, loaded[second])
+            write_lora_slot(fresh, 1, loaded[second])
+            for a, b in zip(used.lora_linears(), fresh.lora_linears(), strict=True):
+                assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.lora_b, b.lora_b), (first, second)
+                assert torch.equal(a.lora_at, b.lora_at), (first, second)
+                assert all(torch.equal(x, y) for x, y in zip(a.lora_bt, b.lora_bt, strict=True)), (first, second)
