@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..kernels import LoraMeta, lora_apply, lora_linear
 from ..kernels.cpu_linear import pack_weight, packed_linear
+from ..kernels.reference import copy_slot_to_row_tables
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -352,32 +353,23 @@ _MODULE_OF = {(group, index): module for module, (group, index) in LORA_TARGETS.
 
 def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy one adapter into device slot `slot` of every layer, zeroing what it does not fill (ranks below
-    r_max, modules it does not target), so nothing of the slot's previous adapter remains.
+    r_max, modules it does not target), so nothing of the slot's previous adapter remains. The CPU row
+    tables are then refreshed from the slot.
 
-    weights: (layer, module) -> (A [r, in], B [out, r] scaled). The CPU row tables get the same values
-    (rows of slot `slot`: A transposed, B transposed).
+    weights: (layer, module) -> (A [r, in], B [out, r] scaled).
     """
     r_max = model.lora_r_max
     for layer_idx, layer in enumerate(model.layers):
         for group in ("qkv", "o", "gate_up", "down"):
             lin = getattr(layer, group)
-            in_f = lin.lora_a.shape[3]
-            at = None  # [in, num_slices, r_max]: this slot's rows of the A table
-            if lin.lora_at is not None:
-                at = lin.lora_at[slot * in_f : (slot + 1) * in_f].view(in_f, -1, r_max)
             for i, (c0, c1) in enumerate(zip(lin.slice_offsets, lin.slice_offsets[1:], strict=False)):
                 a, b = weights.get((layer_idx, _MODULE_OF[(group, i)]), (None, None))
-                r = 0 if a is None else a.shape[0]
-                bt = None if lin.lora_bt is None else lin.lora_bt[i][slot * r_max : (slot + 1) * r_max]  # [r_max, width]
-                if a is not None and b is not None:
+                r = 0 if a is None or b is None else a.shape[0]
+                if r:
                     lin.lora_a[slot, i, :r].copy_(a)
                     lin.lora_b[slot, c0:c1, :r].copy_(b)
-                    if at is not None and bt is not None:
-                        at[:, i, :r].copy_(a.T)
-                        bt[:r].copy_(b.T)
                 if r < r_max:
                     lin.lora_a[slot, i, r:].zero_()
                     lin.lora_b[slot, c0:c1, r:].zero_()
-                    if at is not None and bt is not None:
-                        at[:, i, r:].zero_()
-                        bt[r:].zero_()
+            if lin.lora_at is not None and lin.lora_bt is not None:
+                copy_slot_to_row_tables(lin.lora_at, lin.lora_bt, lin.lora_a, lin.lora_b, lin.slice_offsets, slot)

@@ -25,8 +25,8 @@ from .meta import LoraMeta
 # Cost model of the CPU path (2-core x86 figures): a small matmul costs a fixed ~10 us in float32 and ~50 us
 # in bfloat16 / float16 (oneDNN lays the weight out anew on every call), and multiply-adds run at ~1e11
 # flop/s. Used only to choose between exact ways of computing the same sum.
-_CALL_SECONDS = {2: 50e-6}  # by element size; others: _CALL_SECONDS_DEFAULT
-_CALL_SECONDS_DEFAULT = 10e-6
+_CALL_SECONDS_16BIT = 50e-6
+_CALL_SECONDS_32BIT = 10e-6
 _FLOPS_PER_SECOND = 1e11
 _COPY_BYTES_PER_SECOND = 1e10
 # The rows strategy: embedding_bag reads weight rows in place at 20-27 GB/s here, and its calls (bag sums,
@@ -118,7 +118,7 @@ def _ref_costs(
 
 def _call(elem: int) -> float:
     """Fixed seconds of one small matmul call for elements of `elem` bytes."""
-    return _CALL_SECONDS.get(elem, _CALL_SECONDS_DEFAULT)
+    return _CALL_SECONDS_16BIT if elem == 2 else _CALL_SECONDS_32BIT
 
 
 def _rank(rank: int, r_max: int) -> int:
@@ -232,6 +232,22 @@ def row_tables(
         for c0, c1 in zip(slice_offsets, slice_offsets[1:], strict=False)
     ]
     return lora_at, lora_bt
+
+
+def copy_slot_to_row_tables(
+    lora_at: torch.Tensor,
+    lora_bt: list[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slice_offsets: list[int],
+    slot: int,
+) -> None:
+    """Refresh slot `slot`'s rows of the row tables from the slot buffers (after the slot was written):
+    the same values row_tables computes for the whole buffers, padding included."""
+    _, num_slices, r_max, in_f = lora_a.shape
+    lora_at[slot * in_f : (slot + 1) * in_f].view(in_f, num_slices, r_max).copy_(lora_a[slot].permute(2, 0, 1))
+    for bt, c0, c1 in zip(lora_bt, slice_offsets, slice_offsets[1:], strict=False):
+        bt[slot * r_max : (slot + 1) * r_max].copy_(lora_b[slot, c0:c1].T)
 
 
 def _dense_expand(y, h, b_sel, onehot, slice_offsets) -> None:
