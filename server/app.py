@@ -4,7 +4,7 @@ health / readiness / info / metrics, and `serve()` (uvicorn with a graceful, dra
     create_app(aengine)                       # an AsyncEngine that is already built
     create_app(None, build_engine=factory)    # build it in a thread at startup; /ready is 503 until then
 
-Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream,
+Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream, / (TGI compat),
 /v1/load_lora_adapter, /v1/unload_lora_adapter (admin); GET /v1/models, /v1/models/{model}, /info,
 /health (alive: always 200), /ready (503 while loading or draining), /metrics (Prometheus text),
 /v1/status (the playground's status strip); the playground page: / and /playground (+ its files).
@@ -35,7 +35,7 @@ from .. import __version__
 from ..errors import LoraplexError
 from .auth import Authenticator, KeyPolicy
 from .errors import error_response, handle_exception
-from .lorax_api import generate, generate_stream
+from .lorax_api import compat_generate, generate, generate_stream
 from .metrics import CONTENT_TYPE
 from .models_api import get_model, list_models, load_adapter, unload_adapter
 from .openai_api import chat_completions, completions
@@ -103,6 +103,7 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/status", status, methods=["GET"]),
         Route("/", page, methods=["GET"]),
+        Route("/", compat_generate, methods=["POST"]),
         Route("/playground", page, methods=["GET"]),
         Route("/playground/config.json", page_config, methods=["GET"]),
         Route("/playground/{name}", asset, methods=["GET"]),

@@ -70,11 +70,32 @@ class ServiceUnavailableError(LoraplexError):
     code = "unavailable"
 
 
-def error_response(exc: LoraplexError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    exc: LoraplexError, headers: dict[str, str] | None = None, *, tgi: bool = False
+) -> JSONResponse:
+    """The error as a response: the OpenAI body, or with `tgi` the TGI / LoRAX body (`tgi_error`)."""
     headers = dict(headers or {})
     if exc.status in (429, 503):
         headers.setdefault("Retry-After", "1")
-    return JSONResponse(exc.to_openai(), status_code=exc.status, headers=headers)
+    body = tgi_error(exc) if tgi else exc.to_openai()
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def tgi_error(exc: LoraplexError) -> dict:
+    """The TGI / LoRAX error body of the LoRAX routes: `{"error": message, "error_type"}`, which the LoRAX
+    and TGI clients turn into their typed exceptions (error_type "validation" -> ValidationError,
+    "overloaded" -> OverloadedError, "generation" -> GenerationError; without one, the status picks:
+    404 -> NotFoundError, 422 -> UnprocessableEntityError). `param` and `code` ride along as in OpenAI's."""
+    if exc.status in (400, 413, 415):
+        error_type = "validation"
+    elif exc.status == 429:
+        error_type = "overloaded"
+    elif exc.code == "generation_failed":
+        error_type = "generation"
+    else:
+        error_type = None
+    body = {"error": exc.message, "error_type": error_type, "param": exc.param, "code": exc.code}
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def to_loraplex_error(exc: BaseException) -> LoraplexError:

@@ -255,16 +255,21 @@ def _content(value: Any, param: str) -> str:
 
 @dataclass
 class GenerateRequest:
-    """LoRAX / TGI `{"inputs", "parameters": {...}}`."""
+    """LoRAX / TGI `{"inputs", "parameters": {...}, "stream"}`."""
 
     inputs: str
     adapter: str | None
     details: bool
     return_full_text: bool
     sampling: Sampling
+    truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    alternatives: int = 0  # `return_k_alternatives`: top tokens reported beside each generated one
+    stream: bool = False  # POST / only: answer as /generate_stream
 
 
 def parse_generate(body: Any) -> GenerateRequest:
+    """Every field lorax-client 0.6.3 sends is accepted; the ones that map are honoured, null or the
+    neutral value of the rest is accepted, any other value of those is a 400 naming it."""
     f = Fields(body)
     inputs = f.string("inputs")
     if not inputs:
@@ -272,7 +277,9 @@ def parse_generate(body: Any) -> GenerateRequest:
     p = f.obj("parameters") or Fields({}, "parameters")
     source = p.string("adapter_source")
     if source not in (None, "local", "hub"):
-        raise bad_field("parameters.adapter_source", "must be 'local' or 'hub' (adapters are served by name)")
+        raise bad_field(
+            "parameters.adapter_source", "must be 'local' or 'hub' (adapters are served by name)"
+        )
     adapter = p.string("adapter_id") or None
     temperature = p.number("temperature", None, 0.0)
     top_p = p.number("top_p", None, 0.0, 1.0)
@@ -294,13 +301,29 @@ def parse_generate(body: Any) -> GenerateRequest:
         "presence_penalty": p.number("presence_penalty", 0.0, -2.0, 2.0),
         "ignore_eos": p.boolean("ignore_eos_token"),
     }
+    if params["repetition_penalty"] <= 0:
+        raise bad_field("parameters.repetition_penalty", "must be a number > 0")
     best_of = p.integer("best_of", None, 1)
     if best_of not in (None, 1):
-        raise bad_field("parameters.best_of", "is not supported")
+        raise bad_field("parameters.best_of", "is not supported (only 1)")
     p.refuse("watermark", "is not supported", (None, False))
-    p.refuse("typical_p", "is not supported", (None, 1, 1.0))
-    p.refuse("decoder_input_details", "is not supported", (None, False))
+    p.refuse("typical_p", "is not supported (typical sampling is not implemented)", (None, 1, 1.0))
+    p.refuse("decoder_input_details", "is not supported (no prompt log-probabilities)", (None, False))
+    p.refuse("merged_adapters", "is not supported (loraplex serves one adapter per request)")
+    p.refuse(
+        "api_token",
+        "is not supported: the server reads adapters with its own credentials (HF_TOKEN on the server)",
+    )
     p.refuse("response_format", "is not supported")
     max_new = p.integer("max_new_tokens", 20, 1)
     sampling = Sampling(max_new, params)
-    return GenerateRequest(inputs, adapter, p.boolean("details"), p.boolean("return_full_text"), sampling)
+    return GenerateRequest(
+        inputs,
+        adapter,
+        p.boolean("details"),
+        p.boolean("return_full_text"),
+        sampling,
+        truncate=p.integer("truncate", None, 1),
+        alternatives=p.integer("return_k_alternatives", 0, 0, MAX_LOGPROBS) or 0,
+        stream=f.boolean("stream"),
+    )

@@ -104,9 +104,11 @@ class ServerState:
         *,
         admin: bool = False,
         read_body: bool = True,
+        tgi_errors: bool = False,
     ) -> Response:
         """Authenticate, require a built engine, read the JSON body, run `handler(call, body)`; every
-        error becomes the OpenAI error body. Counts the request in the metrics (streams when they end)."""
+        error becomes the OpenAI error body (the TGI / LoRAX one with `tgi_errors`). Counts the request
+        in the metrics (streams when they end)."""
         call = Call(request, endpoint)
         try:
             header = request.headers.get("authorization")
@@ -120,7 +122,7 @@ class ServerState:
         except Exception as exc:
             err = to_loraplex_error(exc)
             self.metrics.count_request(endpoint, call.label, err.status)
-            return error_response(err)
+            return error_response(err, tgi=tgi_errors)
         if not isinstance(response, EventStream):
             self.metrics.count_request(endpoint, call.label, response.status_code)
         return response

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loraplex.engine import default_model
@@ -85,6 +88,129 @@ def test_tokenizer_has_chat_template_and_instruct_eos(converted_dir: Path) -> No
     assert generation.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert generation.pad_token_id == tokenizer.pad_token_id
     assert generation.bos_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_unpermute_rows_inverts_llama_cpp_permutation() -> None:
+    from loraplex.engine.gguf_llama import unpermute_rows
+
+    # llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) written out independently: each
+    # head's rows [first half | second half] become interleaved pairs (h0[0], h1[0], h0[1], h1[1], ...).
+    def permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+        rows_per_head = w.shape[0] // num_heads
+        out = np.empty_like(w)
+        for h in range(num_heads):
+            head = w[h * rows_per_head : (h + 1) * rows_per_head]
+            half = rows_per_head // 2
+            for i in range(half):
+                out[h * rows_per_head + 2 * i] = head[i]
+                out[h * rows_per_head + 2 * i + 1] = head[half + i]
+        return out
+
+    rng = np.random.default_rng(0)
+    for num_heads, head_dim, cols in ((3, 8, 5), (1, 4, 2), (9, 64, 7)):
+        w = rng.standard_normal((num_heads * head_dim, cols)).astype(np.float32)
+        np.testing.assert_array_equal(unpermute_rows(permute(w, num_heads), num_heads), w)
+    with pytest.raises(AssertionError):  # the wrong head count must not round-trip
+        w = rng.standard_normal((3 * 8, 5)).astype(np.float32)
+        np.testing.assert_array_equal(unpermute_rows(permute(w, 3), 1), w)
+
+
+# Converts in a child process where `transformers` and `accelerate` cannot be imported: the default model
+# must come up on a fresh install that has neither the test extras nor transformers' GGUF loader deps.
+_CONVERT_WITHOUT_TRANSFORMERS = """
+import sys
+from pathlib import Path
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("transformers", "accelerate"):
+            raise ImportError(f"blocked in this test: {name}")
+        return None
+
+sys.meta_path.insert(0, Block())
+from loraplex.engine.default_model import ensure_default_model
+print(ensure_default_model(Path(sys.argv[1])))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_conversion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("fresh-cache")
+    done = subprocess.run(
+        [sys.executable, "-c", _CONVERT_WITHOUT_TRANSFORMERS, str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path == cache / DEFAULT_MODEL_NAME and is_converted(path)
+    return path
+
+
+def _transformers_reference(gguf_path: Path, out_dir: Path) -> None:
+    """The conversion loraplex used before it had its own: transformers' GGUF loaders (needs accelerate)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.model_max_length = 8192
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+@needs_gguf
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="transformers' GGUF loader needs accelerate")
+def test_conversion_equals_transformers_gguf_loader(fresh_conversion: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    reference = tmp_path / "reference"
+    _transformers_reference(find_default_gguf(), reference)
+
+    ours, theirs = load_file(fresh_conversion / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype, name
+        assert torch.equal(ours[name], tensor), name  # bit for bit: same dequantization, same rounding
+
+    def read(path: Path, drop: tuple[str, ...] = ()) -> dict:
+        return {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
+
+    versions = ("transformers_version", "_model_name_or_path", "_name_or_path")
+    assert read(fresh_conversion / "config.json", versions) == read(reference / "config.json", versions)
+    assert read(fresh_conversion / "tokenizer.json") == read(reference / "tokenizer.json")
+    local = ("is_local", "local_files_only")
+    assert read(fresh_conversion / "tokenizer_config.json") == read(reference / "tokenizer_config.json", local)
+    ours_gen = read(fresh_conversion / "generation_config.json")
+    theirs_gen = read(reference / "generation_config.json")
+    assert ours_gen == {k: v for k, v in theirs_gen.items() if k in ours_gen}
+    assert (fresh_conversion / "chat_template.jinja").read_text() == (reference / "chat_template.jinja").read_text()
+
+    a, b = PreTrainedTokenizerFast.from_pretrained(fresh_conversion), PreTrainedTokenizerFast.from_pretrained(reference)
+    samples = ["Hello, world!", "  leading spaces\tand\ttabs\n\nnewlines", "naïve café — 東京 🚀", "<|im_start|>user\nHi<|im_end|>"]
+    for text in samples:
+        assert a(text)["input_ids"] == b(text)["input_ids"], text
+        assert a.decode(a(text)["input_ids"]) == text
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert a.apply_chat_template(messages, add_generation_prompt=True) == b.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
 
 
 # The crash/race handling below runs with a fake, instant conversion: no package or model needed.

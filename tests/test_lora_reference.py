@@ -138,7 +138,10 @@ def test_lora_linear_cpu_plans_match_loop(plan, bias):
 
 
 def test_packed_cpu_linear_equals_plain_linear():
-    """16-bit CPU models use oneDNN-packed weights; the result must be bit-identical to F.linear."""
+    """16-bit CPU models use oneDNN-packed weights; the result must equal F.linear up to the bf16 rounding.
+
+    Not bit for bit: which oneDNN kernel runs (AMX, AVX-512 bf16, AVX2) depends on the CPU, and two kernels
+    may sum in different orders, so one output may round to the neighbouring bf16 value (2**-8 relative)."""
     from loraplex.kernels.cpu_linear import pack_weight, packed_linear
 
     g = torch.Generator().manual_seed(0)
@@ -149,7 +152,9 @@ def test_packed_cpu_linear_equals_plain_linear():
         pytest.skip("this torch build has no oneDNN packed linear")
     for t in (1, 7, 64):
         x = torch.randn(t, 40, generator=g).to(torch.bfloat16)
-        assert torch.equal(packed_linear(x, packed, b), torch.nn.functional.linear(x, w, b))
+        got, want = packed_linear(x, packed, b), torch.nn.functional.linear(x, w, b)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
     assert pack_weight(w.float()) is None  # float32 keeps the plain path
 
 

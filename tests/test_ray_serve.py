@@ -193,6 +193,7 @@ def test_model_of_request_body():
     assert _model_of("/v1/chat/completions", b'{"model": "a1"}') == "a1"
     assert _model_of("/generate", b'{"inputs": "x", "parameters": {"adapter_id": "a2"}}') == "a2"
     assert _model_of("/generate_stream", b'{"inputs": "x"}') == ""
+    assert _model_of("/", b'{"inputs": "x", "parameters": {"adapter_id": "a3"}, "stream": true}') == "a3"
     assert _model_of("/v1/completions", b"not json") == ""
     assert _model_of("/v1/completions", b'{"model": 3}') == ""
     assert _model_of("/v1/completions", b"[1, 2]") == ""

@@ -320,24 +320,6 @@ def test_completion_options(server, engine):
         assert stop_ref not in r.choices[0].text and r.choices[0].finish_reason == "stop"
 
 
-def test_lorax_generate(server, engine):
-    (ref,) = reference(engine, [PROMPTS[2]], ["a3"], max_tokens=8)
-    body = {"inputs": PROMPTS[2], "parameters": {"adapter_id": "a3", "max_new_tokens": 8, "details": True}}
-    r = post(server, "/generate", body)
-    assert r.status_code == 200 and r.json()["generated_text"] == ref
-    details = r.json()["details"]
-    assert details["generated_tokens"] == len(details["tokens"]) or details["finish_reason"] == "eos_token"
-    with httpx.stream(
-        "POST", f"{server.url}/generate_stream", json=body, headers={"Authorization": f"Bearer {ADMIN}"}
-    ) as s:
-        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
-    assert "".join(e["token"]["text"] for e in events) == ref
-    assert events[-1]["generated_text"] == ref and events[-1]["details"]["finish_reason"] in (
-        "length",
-        "eos_token",
-    )
-
-
 def test_64_concurrent_clients_over_16_adapters(server, engine):
     jobs = []  # (adapter, chat?, stream?, prompt text)
     for i in range(64):
@@ -486,23 +468,6 @@ BAD = [
         "application/x-www-form-urlencoded",
         415,
         "*",
-    ),
-    ("lorax no inputs", "/generate", {"parameters": {"max_new_tokens": 3}}, None, 400, "inputs"),
-    (
-        "lorax unknown adapter",
-        "/generate",
-        {"inputs": "hi", "parameters": {"adapter_id": "nope"}},
-        None,
-        404,
-        "model",
-    ),
-    (
-        "lorax bad source",
-        "/generate",
-        {"inputs": "hi", "parameters": {"adapter_source": "s3"}},
-        None,
-        400,
-        "parameters.adapter_source",
     ),
 ]
 

@@ -56,6 +56,7 @@ MODEL_ROUTES = {  # path -> where its body names the model
     "/v1/chat/completions": ("model",),
     "/generate": ("parameters", "adapter_id"),
     "/generate_stream": ("parameters", "adapter_id"),
+    "/": ("parameters", "adapter_id"),  # POST / (TGI compat, the LoRAX client's route)
 }
 # Answered by the ingress itself: probes must not wake a replica (that would defeat scale-to-zero), and
 # load/unload would change one replica only. The ingress never forwards /metrics either (a scrape would
