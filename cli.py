@@ -1,7 +1,9 @@
 """`loraplex` command line: serve (the HTTP server), generate, bench (load test), demo-adapters.
 
-Every engine flag also reads a LORAPLEX_* environment variable (flag wins), e.g. LORAPLEX_MODEL,
-LORAPLEX_DTYPE, LORAPLEX_MAX_LORA_RANK; LORAPLEX_ADAPTERS takes NAME=SOURCE pairs separated by commas.
+Every Config field (and for serve every ServerConfig field) is a flag, built from the field list in
+config.py; each also reads its LORAPLEX_* environment variable, the field name in capitals (the flag
+wins). Repeatable flags (--adapter, --preload) read comma-separated lists, e.g. LORAPLEX_ADAPTERS=a=/x,b=/y.
+This module and config.py are the only ones that read the environment: the library gets a Config.
 """
 
 from __future__ import annotations
@@ -10,92 +12,80 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config, parse_adapter_flag
-from .errors import LoraplexError
+from .config import Config, ServerConfig, Setting, build, parse_text, settings
+from .errors import ConfigError, LoraplexError
 
 
-def _env(name: str, default=None, cast=str):
-    value = os.environ.get(f"LORAPLEX_{name}")
-    return default if value in (None, "") else cast(value)
+class _Repeat(argparse.Action):
+    """append, except that the first flag replaces the default (an env var's list) instead of adding to
+    it: the flags win, as for every other setting."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = getattr(namespace, self.dest)
+        items = [] if items is self.default or items is None else list(items)
+        setattr(namespace, self.dest, [*items, values])
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds an engine (generate, serve, bench)."""
-    d = Config()
-    p.add_argument(
-        "--model",
-        default=_env("MODEL"),
-        help="local HF model dir or Hub id org/name[@rev]; default: embedded SmolLM2-135M-Instruct",
-    )
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=None,
-        metavar="NAME=SOURCE",
-        help="a PEFT LoRA adapter directory, repeatable (env LORAPLEX_ADAPTERS: comma-separated)",
-    )
-    p.add_argument(
-        "--adapter-dir",
-        default=_env("ADAPTER_DIR"),
-        help="a folder of adapter folders, discovered on request",
-    )
-    p.add_argument(
-        "--allow-hub",
-        action="store_true",
-        default=_env("ALLOW_HUB", False, lambda v: v.lower() in ("1", "true", "yes")),
-    )
-    p.add_argument(
-        "--max-host-adapters", type=int, default=_env("MAX_HOST_ADAPTERS", d.max_host_adapters, int)
-    )
-    p.add_argument("--host-cache-gib", type=float, default=_env("HOST_CACHE_GIB", d.host_cache_gib, float))
-    p.add_argument(
-        "--dtype", default=_env("DTYPE", d.dtype), choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    p.add_argument("--device", default=_env("DEVICE", d.device), help="auto | cpu | cuda[:N]")
-    p.add_argument("--max-lora-rank", type=int, default=_env("MAX_LORA_RANK", d.max_lora_rank, int))
-    p.add_argument(
-        "--max-active-adapters", type=int, default=_env("MAX_ACTIVE_ADAPTERS", d.max_active_adapters, int)
-    )
-    p.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", d.max_num_seqs, int))
-    p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB", d.kv_cache_gib, float))
-    p.add_argument(
-        "--preload",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="an adapter name (from --adapter-dir or the Hub) to load during start, repeatable "
-        "(env LORAPLEX_PRELOAD: comma-separated); --adapter ones always are",
-    )
+def env_default(s: Setting, environ: Mapping[str, str]) -> object:
+    """The setting's LORAPLEX_* variable, parsed (unset or empty: the field's default)."""
+    text = environ.get(s.env, "")
+    if text == "":
+        return s.default
+    try:
+        return parse_text(s, text)
+    except ValueError as exc:
+        raise ConfigError(f"{s.env}={text!r}: {exc}", param=s.name) from exc
+
+
+def add_settings(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    environ: Mapping[str, str] | None = None,
+    only: Iterable[str] | None = None,
+) -> None:
+    """One flag per field of cls (Config or ServerConfig; `only`: these fields), defaulting to its env var.
+    The parsed value lands under the field's name (args.max_num_seqs)."""
+    environ = os.environ if environ is None else environ
+    wanted = None if only is None else set(only)
+    for s in settings(cls):
+        if wanted is not None and s.name not in wanted:
+            continue
+        env = f"env {s.env}: comma-separated" if s.repeated else f"env {s.env}"
+        kw: dict = {"dest": s.name, "default": env_default(s, environ), "help": f"{s.help} ({env})"}
+        if s.metavar:
+            kw["metavar"] = s.metavar
+        if s.repeated:
+            kw["action"] = _Repeat
+        elif s.kind is bool:  # --x / --no-x, so a flag can override the env var either way
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = s.kind
+            if s.choices:
+                kw["choices"] = s.choices
+        p.add_argument(s.flag, **kw)
+
+
+def add_engine_args(p: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Flags shared by every command that builds an engine (generate, serve): every Config field."""
+    add_settings(p.add_argument_group("engine"), Config, environ)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    raw = args.adapter if args.adapter is not None else [a for a in _env("ADAPTERS", "").split(",") if a]
-    preload = args.preload if args.preload is not None else [a for a in _env("PRELOAD", "").split(",") if a]
-    return Config(
-        model=args.model,
-        adapters=tuple(parse_adapter_flag(a) for a in raw),
-        adapter_dir=args.adapter_dir,
-        allow_hub=args.allow_hub,
-        max_host_adapters=args.max_host_adapters,
-        host_cache_gib=args.host_cache_gib,
-        dtype=args.dtype,
-        device=args.device,
-        max_lora_rank=args.max_lora_rank,
-        max_active_adapters=args.max_active_adapters,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_gib=args.kv_cache_gib,
-        preload=tuple(preload),
-        idle_offload_seconds=getattr(args, "idle_offload_seconds", None),
-        idle_offload=getattr(args, "idle_offload", "host"),
-    )
+    """The Config of parsed flags (fields without a flag on this command keep their defaults)."""
+    return build(Config, {s.name: getattr(args, s.name) for s in settings(Config) if hasattr(args, s.name)})
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return build(ServerConfig, {s.name: getattr(args, s.name) for s in settings(ServerConfig)})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.engine import Engine
-    from .scheduler.request import SamplingParams
+    from .scheduler.sampling_params import SamplingParams
 
     config = config_from_args(args)
     names = [n for n, _ in config.adapters]
@@ -120,26 +110,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_adapters(args: argparse.Namespace) -> int:
-    from .adapter_cache.demo import write_demo_adapters
+    from .engine.demo_adapters import write_demo_adapters
     from .engine.loader import resolve_model_dir
 
-    paths = write_demo_adapters(Path(args.dir), resolve_model_dir(args.model))
+    paths = write_demo_adapters(Path(args.dir), resolve_model_dir(args.model, args.cache_dir))
     for p in paths:
         print(f"{p.name}={p}")
     return 0
-
-
-def _demo_adapter_sources() -> tuple[tuple[str, str], ...]:
-    """The demo adapters of the default model, written once under the cache dir."""
-    from .adapter_cache.demo import DEMO_ADAPTERS, write_demo_adapters
-    from .engine.default_model import default_cache_dir
-    from .engine.loader import resolve_model_dir
-
-    out = default_cache_dir() / "demo-adapters"
-    names = [spec.name for spec in DEMO_ADAPTERS]
-    if not all((out / n / "adapter_model.safetensors").is_file() for n in names):
-        write_demo_adapters(out, resolve_model_dir(None))
-    return tuple((n, str(out / n)) for n in names)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -147,94 +124,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.auth import build_key_table
 
     config = config_from_args(args)  # flag mistakes fail now, before binding
-    for name, value, low in (
-        ("--max-queue", args.max_queue, 1),
-        ("--max-body-bytes", args.max_body_bytes, 1024),
-    ):
-        if value is not None and value < low:
-            raise SystemExit(f"{name} must be >= {low}")
-    if args.shutdown_grace_seconds < 0:
-        raise SystemExit("--shutdown-grace-seconds must be >= 0")
-    keys = build_key_table(args.api_key, args.api_keys_file)
+    server = server_config_from_args(args)
+    keys = build_key_table(server.api_key, server.api_keys_file)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
     def build_engine():  # runs in a background thread while the server already answers /health
         from .engine.async_engine import AsyncEngine
+        from .engine.demo_adapters import demo_adapter_sources
         from .engine.engine import Engine
 
         cfg = config
         if cfg.model is None and not cfg.adapters and cfg.adapter_dir is None:
-            cfg = replace(cfg, adapters=_demo_adapter_sources())
+            cfg = replace(cfg, adapters=demo_adapter_sources(cfg.cache_dir))
         return AsyncEngine(Engine(cfg))
 
     app = create_app(
         None,
         build_engine=build_engine,
         api_keys=keys,
-        served_model_name=args.served_model_name,
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes,
+        served_model_name=server.served_model_name,
+        max_queue=server.max_queue,
+        max_body_bytes=server.max_body_bytes,
     )
-    return serve(app, args.host, args.port, args.shutdown_grace_seconds, args.log_level)
+    return serve(app, server.host, server.port, server.shutdown_grace_seconds, server.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser; its defaults are the LORAPLEX_* variables of the environment at this call."""
     parser = argparse.ArgumentParser(prog="loraplex", description="Many LoRA adapters on one base model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible (and LoRAX-compatible) HTTP API")
     add_engine_args(s)
-    s.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=_env("PORT", 8000, int))
-    s.add_argument(
-        "--served-model-name",
-        default=_env("SERVED_MODEL_NAME"),
-        help="the base model's name in the API (default: --model)",
-    )
-    s.add_argument(
-        "--api-key", default=_env("API_KEY"), help="an admin API key (auth is off unless a key is set)"
-    )
-    s.add_argument(
-        "--api-keys-file",
-        default=_env("API_KEYS_FILE"),
-        help='JSON: {KEY: {"adapters": [names or globs], "admin": bool}}',
-    )
-    s.add_argument(
-        "--max-queue",
-        type=int,
-        default=_env("MAX_QUEUE", None, int),
-        help="waiting requests before 429 (default: no limit)",
-    )
-    s.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=_env("MAX_BODY_BYTES", 4 * 2**20, int),
-        help="request body limit (413 above)",
-    )
-    s.add_argument(
-        "--shutdown-grace-seconds",
-        type=float,
-        default=_env("SHUTDOWN_GRACE_SECONDS", 30.0, float),
-        help="on SIGTERM, how long in-flight requests may take to finish",
-    )
-    s.add_argument(
-        "--idle-offload-seconds",
-        type=float,
-        default=_env("IDLE_OFFLOAD_SECONDS", None, float),
-        help="release the model's device memory after this many idle seconds; the next request "
-        "brings it back (default: never)",
-    )
-    s.add_argument(
-        "--idle-offload",
-        default=_env("IDLE_OFFLOAD", "host"),
-        choices=["host", "drop"],
-        help="host: keep host copies of the weights and adapters (fast wake-up); drop: keep nothing",
-    )
-    s.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
-    )
+    add_settings(s.add_argument_group("server"), ServerConfig)
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text offline for one prompt (prints only the text)")
@@ -252,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string, repeatable")
     g.set_defaults(func=cmd_generate)
 
-    from .bench_cli import add_bench_args, cmd_bench
+    from .bench.cli import add_bench_args, cmd_bench
 
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible server (streamed; latency and throughput)")
     add_bench_args(b)
@@ -262,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo-adapters", help="write a few seeded PEFT adapters for the (default) model into DIR"
     )
     d.add_argument("dir")
-    d.add_argument("--model", default=_env("MODEL"))
+    add_settings(d, Config, only=("model", "cache_dir"))
     d.set_defaults(func=cmd_demo_adapters)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # a bad LORAPLEX_* value fails here (ConfigError)
         return args.func(args)
     except LoraplexError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

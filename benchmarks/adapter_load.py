@@ -33,16 +33,16 @@ import torch
 from benchutil import cpu_name
 from safetensors.torch import load_file
 
-from loraplex.adapter_cache.demo import (
+from loraplex.config import Config
+from loraplex.engine.demo_adapters import (
     ADAPTER_WEIGHTS_FILE,
     ALL_LINEAR_MODULES,
     DemoAdapterSpec,
     write_lora_adapter,
 )
-from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.engine.loader import base_shapes_of, resolve_model_dir
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
 RANKS = (8, 16, 64)

@@ -36,8 +36,15 @@ from pathlib import Path
 import httpx
 from benchutil import cpu_name, free_port, write_results_section
 
-from loraplex.bench import BenchConfig, BenchResult, LengthSpec, popularity_weights, run_benchmark
-from loraplex.bench_stats import plot_sweep, table
+from loraplex.bench import (
+    BenchConfig,
+    BenchResult,
+    LengthSpec,
+    plot_sweep,
+    popularity_weights,
+    run_benchmark,
+    table,
+)
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {name: HERE / "baselines" / f"{name}_server.sh" for name in ("loraplex", "naive", "vllm")}
@@ -50,8 +57,8 @@ def prepare(num_adapters: int, rank: int) -> tuple[Path, Path, list[str]]:
     rank-`rank` all-linear bf16 adapters, written once under the loraplex cache dir."""
     import torch
 
-    from loraplex.adapter_cache.demo import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
     from loraplex.engine.default_model import default_cache_dir
+    from loraplex.engine.demo_adapters import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
     from loraplex.engine.loader import base_shapes_of, resolve_model_dir
 
     model_dir = resolve_model_dir(None)

@@ -7,6 +7,10 @@ batching (wait for a full batch, run it to completion) in the same run: output t
 and time per output token (p50 / p99).
 
     python benchmarks/engine_throughput.py [--mode decode|arrivals] [--dtype bfloat16] [--out FILE.json]
+        [--lora-backend auto|torch|triton] [--no-cpu-packed-linear] [--no-cpu-lora-rows]
+
+The kernel switches (A/B runs) are the engine's Config fields, as flags or LORAPLEX_* variables
+(e.g. LORAPLEX_CPU_PACKED_LINEAR=0), exactly as `loraplex serve` takes them.
 
 Decode tok/s counts only pure decode steps (one token per sequence), timed by the engine's step log.
 "bound" is the memory-traffic bound of the row: bytes of base weights / (base + distinct adapters' weights)
@@ -24,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapter_cache.demo import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
+from loraplex.cli import add_settings
 from loraplex.config import Config
+from loraplex.engine.demo_adapters import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
 from loraplex.engine.engine import Engine
 from loraplex.engine.loader import base_shapes_of, resolve_model_dir
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
+KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
 
 
@@ -51,6 +57,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--static-batch", default="2,4,8,16", help="arrivals mode: static batch sizes to compare")
     ap.add_argument("--out", default=None)
+    add_settings(ap, Config, only=KERNEL_SWITCHES)
     args = ap.parse_args()
     args.out = args.out or f"benchmarks/out/engine_{args.mode}.json"
     if args.mode == "arrivals":
@@ -67,7 +74,10 @@ def main() -> None:
         spec = DemoAdapterSpec(f"bench{i}", r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR_MODULES, seed=i, b_std=0.002)
         adapters.append((spec.name, str(write_lora_adapter(tmp / spec.name, spec, shapes, str(model_dir)))))
     engine = Engine(
-        Config(adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1), max_num_seqs=max(batches))
+        Config(
+            adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1),
+            max_num_seqs=max(batches), **{name: getattr(args, name) for name in KERNEL_SWITCHES},
+        )
     )
     base_bytes = engine.model.num_weight_bytes
     adapter_bytes = max((row["bytes"] or 0 for row in engine.adapter_cache.list()), default=0)
@@ -114,6 +124,7 @@ def main() -> None:
         prompt_tokens=len(prompt_ids),
         base_bytes=base_bytes,
         adapter_bytes=adapter_bytes,
+        **{name: getattr(args, name) for name in KERNEL_SWITCHES},  # which A/B variant this run measured
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""AsyncEngine: the step loop in its own thread, and an asyncio API for the server.
+"""AsyncEngine: the step loop in its own thread, and the `EngineClient` interface the server uses.
 
 The event loop never waits on model compute: `submit` queues the request and awaits outputs that the
 loop thread hands over with `call_soon_threadsafe`.
@@ -11,18 +11,35 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from pathlib import Path
 
-from ..errors import InvalidRequestError
-from ..scheduler.request import SamplingParams
-from .engine import Engine, RequestOutput
+from ..errors import InvalidRequestError, LoraplexError
+from ..scheduler.sampling_params import SamplingParams
+from .engine import Engine
+from .protocol import AdapterRow, EngineInfo, EngineStatus, RequestOutput
 
 log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
+    """Implements `EngineClient` (engine/protocol.py) over one Engine."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        cfg = engine.config
+        self.info = EngineInfo(
+            model_name=engine.model_name,
+            dtype=str(engine.dtype).removeprefix("torch."),
+            device=str(engine.device),
+            max_model_len=engine.max_model_len,
+            kv_blocks=engine.blocks.num_blocks,
+            block_size=engine.blocks.block_size,
+            max_active_adapters=cfg.max_active_adapters,
+            max_lora_rank=cfg.max_lora_rank,
+            max_num_seqs=cfg.max_num_seqs,
+        )
+        self._registered: set[str] = set()  # adapters added by register_adapter
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -39,6 +56,7 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.engine.adapter_cache.close()
 
     def _loop(self) -> None:
         cfg = self.engine.config
@@ -80,7 +98,7 @@ class AsyncEngine:
         adapter: str | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; iterate its outputs until the one with finished=True. Validation errors raise
         here, before the first output. Closing the iterator early (client gone) aborts the request."""
         loop = asyncio.get_running_loop()
@@ -97,7 +115,7 @@ class AsyncEngine:
         self._wake.set()
         return self._stream(request_id, queue)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
         finished = False
         try:
             while not finished:
@@ -113,3 +131,79 @@ class AsyncEngine:
         ok = self.engine.abort(request_id)
         self._wake.set()
         return ok
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.scheduler.num_waiting
+
+    def status(self) -> EngineStatus:
+        engine, blocks = self.engine, self.engine.blocks
+        stats = engine.offload_stats
+        return EngineStatus(
+            num_running=engine.scheduler.num_running,
+            num_waiting=engine.scheduler.num_waiting,
+            kv_blocks_used=blocks.num_blocks - blocks.num_free,
+            kv_blocks_total=blocks.num_blocks,
+            adapter_cache=engine.adapter_cache.stats(),
+            offloaded=engine.offloaded is not None,
+            device_bytes=engine.device_bytes(),
+            offloads=stats["offloads"],
+            wakeups=stats["wakeups"],
+            wakeup_seconds_sum=stats["wakeup_seconds_sum"],
+        )
+
+    # ---- text ----
+    def encode(self, text: str) -> list[int]:
+        return self.engine.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        return self.engine.chat_prompt(messages, adapter)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        tokenizer = self.engine.tokenizer
+        return None if tokenizer is None else tokenizer.eos_token_id
+
+    # ---- adapters ----
+    def admission_error(self, adapter: str) -> LoraplexError | None:
+        return self.engine.adapter_cache.admission_error(adapter)
+
+    def adapter_error(self, adapter: str) -> LoraplexError | None:
+        return self.engine.adapter_cache.error_of(adapter)
+
+    def list_adapters(self) -> list[AdapterRow]:
+        return [AdapterRow(row["name"], row["tier"]) for row in self.engine.adapter_cache.list()]
+
+    def register_adapter(self, name: str, path: str) -> bool:
+        cache = self.engine.adapter_cache
+        current = cache.sources.named.get(name)
+        if current is not None:
+            if Path(current).expanduser().resolve() != Path(path).expanduser().resolve():
+                raise InvalidRequestError(
+                    f"The lora adapter '{name}' is already registered with another path; unload it first.",
+                    param="lora_name",
+                )
+            return False
+        if cache.known(name):
+            raise InvalidRequestError(
+                f"The lora adapter '{name}' already exists (adapter directory).", param="lora_name"
+            )
+        cache.sources.named[name] = path
+        self._registered.add(name)
+        return True
+
+    def unregister_adapter(self, name: str) -> bool:
+        if name not in self._registered:
+            return False
+        self._registered.discard(name)
+        self.engine.adapter_cache.sources.named.pop(name, None)
+        return True
+
+    def load_adapter(self, name: str, timeout: float) -> None:
+        self.engine.adapter_cache.load(name, False, timeout)
+
+    def unload_adapter(self, name: str) -> bool:
+        return self.engine.adapter_cache.unload(name)

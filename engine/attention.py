@@ -2,7 +2,7 @@
 SDPA call per sequence. All index tensors are built once per step (AttnMeta) and reused by every layer.
 
 KV cache of one layer: k_cache, v_cache [num_blocks * block_size, num_kv_heads, head_dim]; the context of
-a sequence lives at flat slots block_table[j // block_size] * block_size + j % block_size.
+a sequence lives at flat KV rows block_table[j // block_size] * block_size + j % block_size.
 """
 
 from __future__ import annotations
@@ -28,30 +28,30 @@ class SeqSpan:
 class PrefillSpan:
     row_start: int
     row_end: int
-    kv_idx: torch.Tensor | None  # [kv_len] flat KV slots of the whole context; None: no prefix, use k/v as is
+    kv_idx: torch.Tensor | None  # [kv_len] flat KV cache rows of the whole context; None: no prefix, use k/v as is
     mask: torch.Tensor | None  # [q_len, kv_len] bool, True = attend; None: plain causal
 
 
 @dataclass(frozen=True)
 class AttnMeta:
-    slot_mapping: torch.Tensor  # [T] flat KV slot written by each new token
+    kv_write_rows: torch.Tensor  # [T] flat KV cache row written by each new token
     decode_rows: torch.Tensor | None  # [B] rows of single-token sequences
-    decode_kv_idx: torch.Tensor | None  # [B, L] context slots of each, padded with 0
+    decode_kv_idx: torch.Tensor | None  # [B, L] context KV rows of each, padded with 0
     decode_masked: torch.Tensor | None  # [B, 1, 1, L] bool, True = not attended (padding, out of window)
     prefills: list[PrefillSpan]
 
 
-def _context_slots(block_table: list[int], length: int, block_size: int) -> list[int]:
+def _context_kv_rows(block_table: list[int], length: int, block_size: int) -> list[int]:
     return [block_table[j // block_size] * block_size + j % block_size for j in range(length)]
 
 
 def build_attn_meta(
     spans: list[SeqSpan], block_size: int, sliding_window: int | None, device: torch.device
 ) -> AttnMeta:
-    slot_mapping: list[int] = []
+    kv_write_rows: list[int] = []
     for sp in spans:
-        ctx = _context_slots(sp.block_table, sp.start_pos + sp.num_new, block_size)
-        slot_mapping.extend(ctx[sp.start_pos :])
+        ctx = _context_kv_rows(sp.block_table, sp.start_pos + sp.num_new, block_size)
+        kv_write_rows.extend(ctx[sp.start_pos :])
     decodes = [sp for sp in spans if sp.num_new == 1]
     decode_rows = decode_kv_idx = decode_masked = None
     if decodes:
@@ -60,7 +60,7 @@ def build_attn_meta(
         mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
         for b, sp in enumerate(decodes):
             n = sp.start_pos + 1
-            idx[b, :n] = torch.tensor(_context_slots(sp.block_table, n, block_size))
+            idx[b, :n] = torch.tensor(_context_kv_rows(sp.block_table, n, block_size))
             lo = max(0, n - sliding_window) if sliding_window else 0
             mask[b, lo:n] = True
         decode_rows = torch.tensor([sp.row_start for sp in decodes], dtype=torch.int64, device=device)
@@ -80,10 +80,10 @@ def build_attn_meta(
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-        kv_idx = torch.tensor(_context_slots(sp.block_table, kv_len, block_size), dtype=torch.int64)
+        kv_idx = torch.tensor(_context_kv_rows(sp.block_table, kv_len, block_size), dtype=torch.int64)
         prefills.append(PrefillSpan(sp.row_start, sp.row_start + sp.num_new, kv_idx.to(device), mask.to(device)))
     return AttnMeta(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        kv_write_rows=torch.tensor(kv_write_rows, dtype=torch.int64, device=device),
         decode_rows=decode_rows,
         decode_kv_idx=decode_kv_idx,
         decode_masked=decode_masked,
@@ -98,7 +98,7 @@ def _decode_attention(q, k_cache, v_cache, meta: AttnMeta) -> torch.Tensor:
     num_kv = k_cache.shape[1]
     b = meta.decode_rows.shape[0]
     qd = q.index_select(0, meta.decode_rows).view(b, num_kv, num_heads // num_kv, head_dim)  # [B, KVH, G, D]
-    # index_select of the flat slots, not k_cache[idx]: the same gather, ~7x faster here on CPU
+    # index_select of the flat rows, not k_cache[idx]: the same gather, ~7x faster here on CPU
     flat_idx = meta.decode_kv_idx.view(-1)  # [B * L]
     max_len = meta.decode_kv_idx.shape[1]
     kd = k_cache.index_select(0, flat_idx).view(b, max_len, num_kv, head_dim).permute(0, 2, 3, 1)  # [B, KVH, D, L]
@@ -113,13 +113,13 @@ def attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k: torch.Tensor,  # [T, num_kv_heads, head_dim]
     v: torch.Tensor,  # [T, num_kv_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_kv_rows, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     meta: AttnMeta,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, attend, return [T, num_heads * head_dim]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(0, meta.kv_write_rows, k)
+    v_cache.index_copy_(0, meta.kv_write_rows, v)
     t, num_heads, head_dim = q.shape
     gqa = num_heads != k.shape[1]
     out = torch.empty_like(q)

@@ -49,10 +49,9 @@ class DefaultModelError(RuntimeError):
     """The bundled default model cannot be found or converted."""
 
 
-def default_cache_dir() -> Path:
-    """`$LORAPLEX_CACHE_DIR`, else `~/.cache/loraplex`."""
-    env = os.environ.get("LORAPLEX_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraplex"
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir` (Config.cache_dir: --cache-dir, $LORAPLEX_CACHE_DIR), else `~/.cache/loraplex`."""
+    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "loraplex"
 
 
 def find_default_gguf() -> Path:
@@ -84,9 +83,10 @@ def is_converted(model_dir: Path) -> bool:
     return isinstance(info, dict) and info.get("format") == CONVERSION_FORMAT
 
 
-def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """Local Hugging Face directory of the default model, converting the bundled GGUF on first use."""
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
+    """Local Hugging Face directory of the default model, converting the bundled GGUF on first use.
+    cache_dir: as for default_cache_dir."""
+    cache_dir = default_cache_dir(cache_dir)
     final_dir = cache_dir / DEFAULT_MODEL_NAME
     if is_converted(final_dir):
         return final_dir

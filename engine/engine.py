@@ -28,9 +28,9 @@ from ..adapter_cache.sources import AdapterSources
 from ..config import Config
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
-from ..scheduler.request import SamplingParams
+from ..scheduler.request import Request
+from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.scheduler import Scheduler
-from ..scheduler.sequence import Request
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .loader import (
     DTYPES,
@@ -41,29 +41,12 @@ from .loader import (
     load_tokenizer,
     resolve_model_dir,
 )
-from .model import CausalLM, ModelSpec
+from .model import CausalLM, KernelOptions, ModelSpec
+from .protocol import RequestOutput, TokenLogprob
 from .runner import ModelRunner
 from .sampler import make_generator, sample_batch
 
 log = logging.getLogger(__name__)
-
-TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token id, logprob, top alternatives)
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (streamed to its caller)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str  # text safe to show now (never past a stop string, never half a character)
-    finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    new_logprobs: list[TokenLogprob] | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-
 
 @dataclass
 class GenerationResult:
@@ -99,7 +82,7 @@ def _pick_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.model_dir = resolve_model_dir(config.model)
+        self.model_dir = resolve_model_dir(config.model, config.cache_dir)
         self.model_name = config.model or self.model_dir.name
         self.hf_config = hf_cfg = load_hf_config(self.model_dir)
         if config.dtype == "auto":
@@ -171,7 +154,8 @@ class Engine:
         cfg = self.config
         slots = (cfg.max_active_adapters, cfg.max_lora_rank)
         model, _ = load_model(
-            self.model_dir, self.dtype, self.device, lora_slots=slots, weights=weights, hf_config=self.hf_config
+            self.model_dir, self.dtype, self.device, lora_slots=slots, weights=weights, hf_config=self.hf_config,
+            kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
         )
         block_bytes = ModelRunner.kv_bytes_per_block(self.spec, cfg.block_size, self.dtype)
         num_blocks = max(2, int(cfg.kv_cache_gib * 2**30) // block_bytes)

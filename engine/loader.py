@@ -13,7 +13,7 @@ import torch
 
 from ..adapter_cache.peft_format import BaseShapes
 from ..errors import ModelLoadError
-from .model import SUPPORTED_ARCHS, CausalLM, ModelSpec
+from .model import SUPPORTED_ARCHS, CausalLM, KernelOptions, ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -33,13 +33,14 @@ _LAYER_PARAMS = {
 }
 
 
-def resolve_model_dir(model: str | None) -> Path:
-    """A local directory as is; None -> the embedded default; otherwise a Hub id `org/name[@revision]`
-    fetched through huggingface_hub's cache (honours HF_HUB_OFFLINE and HF_TOKEN)."""
+def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
+    """A local directory as is; None -> the embedded default (converted once into cache_dir,
+    Config.cache_dir); otherwise a Hub id `org/name[@revision]` fetched through huggingface_hub's cache
+    (honours HF_HUB_OFFLINE and HF_TOKEN)."""
     if model is None:
         from .default_model import ensure_default_model
 
-        return ensure_default_model()
+        return ensure_default_model(cache_dir)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -170,13 +171,15 @@ def load_model(
     lora_slots: tuple[int, int] | None = None,
     weights: list[tuple[str, torch.Tensor]] | None = None,
     hf_config=None,
+    kernels: KernelOptions | None = None,
 ) -> tuple[CausalLM, ModelSpec]:
     """Build the CausalLM for model_dir and fill it from its safetensors (fusing q|k|v and gate|up), or
     from `weights` ((checkpoint name, tensor) pairs, e.g. export_weights' host copies) when given.
 
     lora_slots=(num_slots, r_max) allocates the LoRA slot buffers first, so each weight is copied once,
     from the memory-mapped file straight into its final place (no intermediate tensors). hf_config: the
-    model's config when the caller has read it already (load_hf_config)."""
+    model's config when the caller has read it already (load_hf_config). kernels: the kernel switches
+    (Config.lora_backend, cpu_packed_linear, cpu_lora_rows; default: all on auto)."""
     cfg = hf_config if hf_config is not None else load_hf_config(model_dir)
     spec = ModelSpec.from_hf_config(cfg)
     if weights is None:
@@ -193,7 +196,7 @@ def load_model(
     }
     inv_freq, scaling = _rope_params(cfg)
     # Built uninitialized in place (no meta device round trip: its ops import torch._dynamo, ~1.5 s).
-    model = CausalLM(spec, inv_freq, scaling, biases, dtype=dtype, device=device)
+    model = CausalLM(spec, inv_freq, scaling, biases, dtype=dtype, device=device, kernels=kernels)
     model.inv_freq = inv_freq.float().to(device)
     if lora_slots is not None:
         model.allocate_lora_slots(*lora_slots, copy_weights=False)

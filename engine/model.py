@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +42,16 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     if torch.device(device).type != "cpu" or nbytes < 2**16:
         return torch.zeros(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the model's linears compute; the engine fills it from Config (lora_backend, cpu_packed_linear,
+    cpu_lora_rows), so the A/B switches reach the kernels as plain arguments."""
+
+    lora_backend: str = "auto"  # auto | torch | triton (kernels.lora_apply)
+    cpu_packed_linear: bool = True  # 16-bit CPU: oneDNN-packed base weights (kernels/cpu_linear.py)
+    cpu_lora_rows: bool = True  # CPU: row tables of the LoRA slots (the per-token rows strategy)
 
 
 @dataclass(frozen=True)
@@ -134,8 +143,11 @@ class LoraLinear(nn.Module):
     rows strategy of decode steps; memory: one more copy of the slot buffers.
     """
 
-    def __init__(self, in_features: int, slice_sizes: list[int], bias: bool, **factory) -> None:
+    def __init__(
+        self, in_features: int, slice_sizes: list[int], bias: bool, kernels: KernelOptions | None = None, **factory
+    ) -> None:
         super().__init__()
+        self.kernels = kernels or KernelOptions()
         out = sum(slice_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features, **factory), requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
@@ -172,7 +184,7 @@ class LoraLinear(nn.Module):
             self.bias_ext = bias_ext
             self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
         self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
-        if w.device.type == "cpu" and os.environ.get("LORAPLEX_CPU_LORA_ROWS", "1") != "0":  # 0: A/B switch
+        if w.device.type == "cpu" and self.kernels.cpu_lora_rows:
             self.lora_at = lazy_zeros((num_slots * in_f, num_slices * r_max), w.dtype, w.device)
             self.lora_bt = [
                 lazy_zeros((num_slots * r_max, c1 - c0), w.dtype, w.device)
@@ -182,8 +194,8 @@ class LoraLinear(nn.Module):
             self.pack()
 
     def pack(self) -> None:
-        """(Re)build the oneDNN-packed copy of W (16-bit CPU; None elsewhere)."""
-        self.packed = pack_weight(self.weight)
+        """(Re)build the oneDNN-packed copy of W (16-bit CPU; None elsewhere or when turned off)."""
+        self.packed = pack_weight(self.weight) if self.kernels.cpu_packed_linear else None
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
         if self.packed is not None and (meta is None or meta.num_active == 1):
@@ -192,7 +204,8 @@ class LoraLinear(nn.Module):
             # this packed base matmul plus a separate LoRA pass.
             y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
             if meta is not None:
-                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta, self.lora_at, self.lora_bt)
+                backend = self.kernels.lora_backend
+                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta, self.lora_at, self.lora_bt, backend)
             return y
         if self.weight_ext is None:
             return F.linear(x, self.weight, self.bias)  # [T, out_total]
@@ -207,21 +220,24 @@ class LoraLinear(nn.Module):
             self.packed,
             self.lora_at,
             self.lora_bt,
+            self.kernels.lora_backend,
         )
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool, **factory) -> None:
+    def __init__(
+        self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool, kernels: KernelOptions, **factory
+    ) -> None:
         super().__init__()
         s = spec
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.spec = spec
         self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
         self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
-        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias, **factory)
-        self.o = LoraLinear(q, [s.hidden_size], o_bias, **factory)
-        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size, s.intermediate_size], mlp_bias, **factory)
-        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias, **factory)
+        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias, kernels, **factory)
+        self.o = LoraLinear(q, [s.hidden_size], o_bias, kernels, **factory)
+        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size] * 2, mlp_bias, kernels, **factory)
+        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias, kernels, **factory)
         if s.qk_norm:
             self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
             self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
@@ -231,7 +247,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos: torch.Tensor,  # [T, head_dim]
         sin: torch.Tensor,  # [T, head_dim]
-        kv: tuple[torch.Tensor, torch.Tensor],  # each [num_kv_slots, num_kv_heads, head_dim]
+        kv: tuple[torch.Tensor, torch.Tensor],  # each [num_kv_rows, num_kv_heads, head_dim]
         attn: AttnMeta,
         lora: LoraMeta | None,
     ) -> torch.Tensor:
@@ -273,17 +289,20 @@ class CausalLM(nn.Module):
         biases: dict[str, bool],
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        kernels: KernelOptions | None = None,
     ) -> None:
         """Weights are left uninitialized (torch.empty; norms 1, biases 0): the loader fills them."""
         super().__init__()
         self.spec = spec
+        self.kernels = kernels = kernels or KernelOptions()
         factory = {"dtype": dtype, "device": device}
         # _weight skips nn.Embedding's random init (slow, and useless before loading).
         embed = torch.empty(spec.vocab_size, spec.hidden_size, **factory)
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=embed)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"], **factory) for _ in range(spec.num_layers)
+            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"], kernels, **factory)
+            for _ in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **factory)
         if not spec.tie_word_embeddings:
@@ -309,14 +328,17 @@ class CausalLM(nn.Module):
             lin.allocate_lora(num_slots, r_max, copy_weight=copy_weights)
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
         if copy_weights:
-            self.lm_head_packed = pack_weight(self.lm_head)
+            self._pack_lm_head()
 
     def pack(self) -> None:
         """(Re)build the packed copies of the base weights (after they were filled or restored)."""
         for lin in self.lora_linears():
             if lin.weight_ext is not None:
                 lin.pack()
-        self.lm_head_packed = pack_weight(self.lm_head)
+        self._pack_lm_head()
+
+    def _pack_lm_head(self) -> None:
+        self.lm_head_packed = pack_weight(self.lm_head) if self.kernels.cpu_packed_linear else None
 
     def lora_linear(self, layer: int, module: str) -> tuple[LoraLinear, int]:
         group, index = LORA_TARGETS[module]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..scheduler.request import SamplingParams
+from ..scheduler.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 # top_p first looks for its cut among this many best tokens (partial top-k), sorting only if needed.

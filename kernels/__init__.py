@@ -5,8 +5,6 @@ Triton is imported lazily (first Triton call), so this package imports where tri
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -23,11 +21,14 @@ __all__ = [
 ]
 
 
-def _backend() -> str:
-    backend = os.environ.get("LORAPLEX_LORA_BACKEND", "")
-    if backend not in ("", "triton", "torch"):
-        raise ValueError(f"LORAPLEX_LORA_BACKEND must be 'triton' or 'torch', got {backend!r}")
-    return backend
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    """auto: Triton for CUDA tensors, the torch reference otherwise; torch / triton force one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"LoRA backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 def lora_linear(
@@ -41,20 +42,21 @@ def lora_linear(
     packed: torch.Tensor | None = None,
     lora_at: torch.Tensor | None = None,
     lora_bt: list[torch.Tensor] | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """y = x W^T + b (+ every token's LoRA delta), W = weight_ext[:out_total] and lora_a = the rows below it.
 
     x: [T, in]; weight_ext: [out_total + num_slots * num_slices * r_max, in]; returns y: [T, out_total]
     (on CPU possibly a column slice of a wider result: a strided view). packed: W packed by
     cpu_linear.pack_weight, used by the CPU path when the base matmul runs on its own. lora_at / lora_bt:
-    the CPU row tables of the same slots (reference.py), or None.
+    the CPU row tables of the same slots (reference.py), or None. backend: as for lora_apply.
     """
     out_total = slice_offsets[-1]
-    if meta is not None and not (_backend() == "triton" or (x.is_cuda and _backend() != "torch")):
+    if meta is not None and not _use_triton(x, backend):
         return lora_linear_cpu(x, weight_ext, bias_ext, lora_a, lora_b, slice_offsets, meta, packed, lora_at, lora_bt)
     y = F.linear(x, weight_ext[:out_total], None if bias_ext is None else bias_ext[:out_total])
     if meta is not None:
-        lora_apply(y, x, lora_a, lora_b, slice_offsets, meta)
+        lora_apply(y, x, lora_a, lora_b, slice_offsets, meta, backend=backend)
     return y
 
 
@@ -67,14 +69,14 @@ def lora_apply(
     meta: LoraMeta,
     lora_at: torch.Tensor | None = None,
     lora_bt: list[torch.Tensor] | None = None,
+    backend: str = "auto",
 ) -> None:
     """Add every token's own LoRA delta to y in place (see reference.py for the math and layouts).
 
-    Backend: Triton shrink + expand for CUDA tensors, the torch reference otherwise;
-    LORAPLEX_LORA_BACKEND=triton|torch forces one (read per call: a dict lookup).
+    backend "auto": Triton shrink + expand for CUDA tensors, the torch reference otherwise; "triton" or
+    "torch" forces one (Config.lora_backend, for A/B measurements).
     """
-    backend = _backend()
-    if backend == "triton" or (x.is_cuda and backend != "torch"):
+    if _use_triton(x, backend):
         from .lora_expand import lora_expand
         from .lora_shrink import lora_shrink
 

@@ -7,8 +7,6 @@ machine). Packing once at load time removes it. float32 keeps F.linear (MKL), an
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -23,10 +21,9 @@ _PROBED: dict[tuple, bool] = {}  # (shape, dtype, batch_hint) -> packed_linear e
 
 
 def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | None:
-    """A packed copy of weight [out, in] for packed_linear, or None where packing does not apply."""
+    """A packed copy of weight [out, in] for packed_linear, or None where packing does not apply. (The
+    caller turns packing off by not calling this: Config.cpu_packed_linear, see engine/model.py.)"""
     ops = _ops()
-    if os.environ.get("LORAPLEX_CPU_PACKED_LINEAR", "1") == "0":  # A/B switch for benchmarks and debugging
-        return None
     if ops is None or weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     try:

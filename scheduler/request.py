@@ -1,80 +1,65 @@
-"""Request parameters (pure Python: no torch)."""
+"""A request as the scheduler sees it (pure Python): its tokens, its KV blocks, its state."""
 
 from __future__ import annotations
 
+import enum
+import time
 from dataclasses import dataclass, field
 
-from ..errors import InvalidRequestError
-
-# OpenAI's own cap on `top_logprobs`; larger k costs a bigger top-k per step for little use.
-MAX_LOGPROBS = 20
+from .sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings; every default leaves the model's distribution untouched.
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued, never admitted
+    RUNNING = "running"  # admitted: holds KV blocks and pins its adapter's slot
+    PREEMPTED = "preempted"  # was running; blocks freed, queued at the front, recomputes from token 0
+    FINISHED = "finished"  # done; finish_reason says why ("stop", "length", "error")
+    ABORTED = "aborted"  # cancelled by the caller; finish_reason "abort"
 
-    temperature 0 means greedy (argmax of the penalized logits). Filters (top_k, top_p, min_p) only
-    matter when sampling. Penalties apply to greedy and sampled rows alike:
 
-    - repetition_penalty (Hugging Face semantics, 1.0 = off): for every token seen in prompt + output,
-      a positive logit is divided by it and a negative one multiplied by it.
-    - frequency_penalty / presence_penalty (OpenAI semantics, 0 = off, range [-2, 2]):
-      `logit[t] -= frequency_penalty * count_in_output(t) + presence_penalty * (count_in_output(t) > 0)`.
+@dataclass(eq=False)  # identity equality: `r in running` must never compare token lists
+class Request:
+    """One generation request. The caller fills the first four fields; the scheduler owns the rest.
 
-    logprobs None returns no log-probabilities; k >= 0 returns the chosen token's logprob plus the k
-    most likely alternatives (k <= MAX_LOGPROBS).
+    The K/V of `all_token_ids[:num_computed]` are in the cache at `block_table`. A running request
+    feeds `all_token_ids[num_computed:]` in the next step(s): one token when decoding, a chunk of
+    the prompt (or of prompt + output after a preemption) when prefilling.
     """
 
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
-    min_p: float = 0.0  # 0 = off; keep tokens with p >= min_p * p_max
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        checks = [
-            (_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1] (0 disables it)"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 disables it)"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (
-                self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-                "logprobs",
-                f"must be null or an integer in [0, {MAX_LOGPROBS}]",
-            ),
-            (self.seed is None or _is_int(self.seed), "seed", "must be an integer"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
-        ]
-        for ok, param, why in checks:
-            if not ok:
-                raise InvalidRequestError(f"{param} {why}", param=param)
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # None = base model
+    arrival_time: float = field(default_factory=time.monotonic)
+    arrival: int = -1  # order of Scheduler.add(); larger = newer (preemption picks the largest)
+    output_token_ids: list[int] = field(default_factory=list)
+    state: RequestState = RequestState.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    slot: int = -1  # adapter device slot, -1 = base; set at admission (may change after a preemption)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # the message when finish_reason == "error"
+    waiting_since: int = 0  # schedule() call at which it last entered the waiting queue (fairness)
+    admitted_step: int | None = None  # schedule() call of its latest admission
+    num_preemptions: int = 0
 
     @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def has_penalties(self) -> bool:
-        """Whether the logits of this request depend on its token history."""
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
 
-def _is_int(value: object) -> bool:
-    # bool is an int subclass; `logprobs=True` or `max_tokens=True` is a client bug worth reporting.
-    return isinstance(value, int) and not isinstance(value, bool)
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without concatenating the whole text (decode feeds one token)."""
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .block_manager import BlockAllocator
-from .sequence import Request, RequestState
+from .request import Request, RequestState
 
 FinishCheck = Callable[[Request], str | None]
 

@@ -1,7 +1,7 @@
 """The Starlette app: OpenAI-compatible and LoRAX-compatible generation, models and adapter admin,
 health / readiness / info / metrics, and `serve()` (uvicorn with a graceful, draining shutdown).
 
-    create_app(aengine)                       # an AsyncEngine that is already built
+    create_app(engine)                        # an EngineClient (e.g. an AsyncEngine) already built
     create_app(None, build_engine=factory)    # build it in a thread at startup; /ready is 503 until then
 
 Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream, / (TGI compat),
@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..engine.protocol import EngineClient
 from ..errors import LoraplexError
 from .auth import Authenticator, KeyPolicy
 from .errors import error_response, handle_exception
@@ -48,21 +49,21 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 def create_app(
-    aengine: Any | None = None,
+    engine: EngineClient | None = None,
     *,
-    build_engine: Callable[[], Any] | None = None,
+    build_engine: Callable[[], EngineClient] | None = None,
     on_build_failure: Callable[[BaseException], None] | None = None,
     api_keys: Mapping[str, KeyPolicy] | None = None,
     served_model_name: str | None = None,
     max_queue: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Starlette:
-    """The app. `aengine` (an AsyncEngine, started at app startup and stopped at shutdown), or
+    """The app. `engine` (an EngineClient, started at app startup and stopped at shutdown), or
     `build_engine` (called in a background thread at startup; `on_build_failure` hears if it raises).
     `api_keys` maps each key to its KeyPolicy (None: no auth). `max_queue` caps waiting requests (429
     past it); `max_body_bytes` caps request bodies (413)."""
     state = ServerState(
-        aengine,
+        engine,
         auth=Authenticator(api_keys),
         served_model_name=served_model_name,
         max_queue=max_queue,
@@ -71,8 +72,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if state.aengine is not None:
-            state.aengine.start()
+        if state.engine is not None:
+            state.engine.start()
         elif build_engine is not None:
             loop = asyncio.get_running_loop()
             threading.Thread(
@@ -85,8 +86,8 @@ def create_app(
             yield
         finally:
             state.begin_drain()
-            if state.aengine is not None:
-                await run_in_threadpool(_stop_engine, state.aengine)
+            if state.engine is not None:
+                await run_in_threadpool(state.engine.stop)
 
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),
@@ -109,7 +110,7 @@ def create_app(
         Route("/playground/{name}", asset, methods=["GET"]),
     ]
     handlers = {LoraplexError: handle_exception, HTTPException: handle_exception, Exception: handle_exception}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.loraplex = state
     return app
 
@@ -118,7 +119,7 @@ def _build(
     state: ServerState, build_engine: Callable[[], Any], loop: asyncio.AbstractEventLoop, on_failure
 ) -> None:
     try:
-        aengine = build_engine()
+        engine = build_engine()
     except BaseException as exc:
         log.exception("building the engine failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -130,18 +131,11 @@ def _build(
     def install() -> None:
         if state.draining:  # shutting down before the engine was ready: never start it
             return
-        aengine.start()
-        state.aengine = aengine
+        engine.start()
+        state.engine = engine
         log.info("engine ready: %s", state.base_name)
 
     loop.call_soon_threadsafe(install)
-
-
-def _stop_engine(aengine: Any) -> None:
-    aengine.stop()
-    cache = getattr(aengine.engine, "adapter_cache", None)
-    if cache is not None and hasattr(cache, "close"):
-        cache.close()
 
 
 def _state(request: Request) -> ServerState:
@@ -168,21 +162,20 @@ async def info(request: Request) -> Response:
     except LoraplexError as exc:
         return error_response(exc)
     out: dict[str, Any] = {"version": __version__, "ready": state.ready, "draining": state.draining}
-    engine = state.engine
-    if engine is not None:
-        cfg = engine.config
+    if state.engine is not None:
+        e = state.engine.info
         out.update(
             model_id=state.base_name,
-            model_dtype=str(getattr(engine, "dtype", cfg.dtype)).removeprefix("torch."),
-            model_device_type=str(getattr(engine, "device", cfg.device)),
-            max_total_tokens=engine.max_model_len,
-            max_model_len=engine.max_model_len,
-            max_active_adapters=cfg.max_active_adapters,
-            max_lora_rank=cfg.max_lora_rank,
-            max_num_seqs=cfg.max_num_seqs,
+            model_dtype=e.dtype,
+            model_device_type=e.device,
+            max_total_tokens=e.max_model_len,
+            max_model_len=e.max_model_len,
+            max_active_adapters=e.max_active_adapters,
+            max_lora_rank=e.max_lora_rank,
+            max_num_seqs=e.max_num_seqs,
             max_queue=state.max_queue,
-            kv_cache_blocks=engine.blocks.num_blocks,
-            block_size=engine.blocks.block_size,
+            kv_cache_blocks=e.kv_blocks,
+            block_size=e.block_size,
         )
     return JSONResponse(out)
 

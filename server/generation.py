@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..engine.protocol import EngineClient, RequestOutput
 from ..errors import InvalidRequestError
 from .errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from .metrics import ServerMetrics
@@ -108,8 +110,8 @@ class Choice:
 class Job:
     """The engine requests (choices) of one HTTP request, merged into one stream of (choice, output)."""
 
-    def __init__(self, aengine: Any, metrics: ServerMetrics, adapter: str | None, label: str) -> None:
-        self.aengine, self.metrics, self.adapter, self.label = aengine, metrics, adapter, label
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, adapter: str | None, label: str) -> None:
+        self.engine, self.metrics, self.adapter, self.label = engine, metrics, adapter, label
         self.arrival = time.perf_counter()
         self.choices: list[Choice] = []
         self._counted_prompts: list[Choice] = []  # one choice per distinct prompt (usage counts it once)
@@ -122,7 +124,7 @@ class Job:
         self, prompt_ids: list[int], params: Any, request_id: str, first_of_prompt: bool
     ) -> Choice:
         """Queue one engine request (validation errors raise here)."""
-        stream = await self.aengine.submit(prompt_ids, self.adapter, params, request_id)
+        stream = await self.engine.submit(prompt_ids, self.adapter, params, request_id)
         choice = Choice(len(self.choices), request_id, prompt_ids, params.seed)
         self.choices.append(choice)
         if first_of_prompt:
@@ -132,7 +134,7 @@ class Job:
         self._pumps.append(asyncio.create_task(self._pump(choice, stream)))
         return choice
 
-    async def _pump(self, choice: Choice, stream: AsyncGenerator) -> None:
+    async def _pump(self, choice: Choice, stream: AsyncGenerator[RequestOutput, None]) -> None:
         choice.started = True
         try:
             async for out in stream:
@@ -140,7 +142,7 @@ class Job:
         finally:
             await stream.aclose()  # a no-op after the final output; aborts the request otherwise
 
-    async def next_event(self) -> tuple[Choice, Any] | None:
+    async def next_event(self) -> tuple[Choice, RequestOutput] | None:
         """The next (choice, RequestOutput), or None once every choice has finished."""
         if self._left == 0:
             return None
@@ -194,7 +196,7 @@ class Job:
                 if not pump.done():
                     pump.cancel()
                 if not choice.started:  # still never ran (cannot abort through the iterator)
-                    self.aengine.abort(choice.request_id)
+                    self.engine.abort(choice.request_id)
                 self.metrics.request_done(
                     choice.request_id, "abort", self.arrival, None, choice.num_output_tokens
                 )
@@ -203,6 +205,11 @@ class Job:
                 await pump
         usage = self.usage
         self.metrics.count_usage(self.label, usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def finite_logprob(value: float) -> float:
+    """JSON has no -inf: a log-probability of an impossible token is reported as -9999."""
+    return value if math.isfinite(value) else -9999.0
 
 
 def sse(data: Any) -> str:

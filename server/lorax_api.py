@@ -21,10 +21,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..scheduler.request import SamplingParams
+from ..engine.protocol import EngineClient, RequestOutput
+from ..scheduler.sampling_params import SamplingParams
 from .errors import tgi_error
-from .generation import Choice, EventStream, sse
-from .openai_api import _finish, _finite, _first_or_error
+from .generation import Choice, EventStream, finite_logprob, sse
 from .schemas import MAX_SEED, GenerateRequest, parse_generate
 from .state import Call, ServerState
 
@@ -60,11 +60,11 @@ async def compat_generate(request: Request) -> Response:
     return await state.handle(request, "compat_generate", run, tgi_errors=True)
 
 
-def _finish_reason(tokenizer: Any, req: GenerateRequest, c: Choice) -> str:
+def _finish_reason(engine: EngineClient, req: GenerateRequest, c: Choice) -> str:
     if c.finish_reason == "length":
         return "length"
     stops = req.sampling.params["stop"]
-    if stops and any(s in tokenizer.decode(c.token_ids) for s in stops):
+    if stops and any(s in engine.decode(c.token_ids) for s in stops):
         return "stop_sequence"
     return "eos_token"
 
@@ -85,35 +85,35 @@ async def _generate(
         sampling["seed"] = secrets.randbelow(MAX_SEED)
     params = SamplingParams(max_tokens=max_tokens, logprobs=want_logprobs, **sampling)
     job, _ = await state.start_job(call, adapter, [ids], params, 1, "gen")
-    tokenizer = state.engine.tokenizer
+    engine = state.require_engine()
     prefix = req.inputs if req.return_full_text else ""
     seed = params.seed if params.temperature > 0 else None
 
     def details(c: Choice, with_tokens: bool) -> dict:
         out: dict[str, Any] = {
-            "finish_reason": _finish_reason(tokenizer, req, c),
+            "finish_reason": _finish_reason(engine, req, c),
             "prompt_tokens": len(ids),
             "generated_tokens": c.num_output_tokens,
             "seed": seed,
         }
         if with_tokens:
             out["prefill"] = []
-            out["tokens"] = [_token(tokenizer, t, lp, None, top=top) for t, lp, top in c.logprobs]
+            out["tokens"] = [_token(engine, t, lp, None, top=top) for t, lp, top in c.logprobs]
         return out
 
     if not stream:
-        await _finish(state, call, job, adapter)
+        await state.finish_job(call, job, adapter)
         (c,) = job.choices
         result: dict[str, Any] = {"generated_text": prefix + c.text}
         if req.details:
             result["details"] = details(c, with_tokens=True)
         return JSONResponse([result] if as_list else result)
 
-    first = await _first_or_error(state, call, job, adapter)
+    first = await state.first_event(call, job, adapter)
 
     async def events() -> AsyncIterator[str]:
         try:
-            event = first
+            event: tuple[Choice, RequestOutput] | None = first
             while event is not None:
                 c, out = event
                 if out.finish_reason == "error":
@@ -121,7 +121,7 @@ async def _generate(
                     break
                 entries = list(out.new_logprobs or [])
                 if not entries and out.finished:  # EOS ends the text without a visible token
-                    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+                    eos = engine.eos_token_id if engine.eos_token_id is not None else 0
                     entries = [(eos, 0.0, [])]
                 for i, (token_id, lp, top) in enumerate(entries):
                     last = i == len(entries) - 1
@@ -130,7 +130,7 @@ async def _generate(
                     special = final and not out.new_token_ids
                     yield sse(
                         {
-                            "token": _token(tokenizer, token_id, lp, text, special=special, top=top),
+                            "token": _token(engine, token_id, lp, text, special=special, top=top),
                             "generated_text": prefix + c.text if final else None,
                             "details": details(c, with_tokens=False) if final else None,
                         }
@@ -143,17 +143,17 @@ async def _generate(
 
 
 def _token(
-    tokenizer: Any,
+    engine: EngineClient,
     token_id: int,
     logprob: float,
     text: str | None,
     special: bool = False,
     top: list[tuple[int, float]] | None = None,
 ) -> dict:
-    shown = tokenizer.decode([token_id]) if text is None else text
-    out: dict[str, Any] = {"id": token_id, "text": shown, "logprob": _finite(logprob), "special": special}
+    shown = engine.decode([token_id]) if text is None else text
+    out: dict[str, Any] = {"id": token_id, "text": shown, "logprob": finite_logprob(logprob), "special": special}
     if top:  # return_k_alternatives
         out["alternative_tokens"] = [
-            {"id": t, "text": tokenizer.decode([t]), "logprob": _finite(lp)} for t, lp in top
+            {"id": t, "text": engine.decode([t]), "logprob": finite_logprob(lp)} for t, lp in top
         ]
     return out

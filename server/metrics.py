@@ -15,10 +15,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+
+from ..engine.protocol import EngineClient, EngineStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -27,7 +28,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
 
 class ServerMetrics:
     def __init__(
-        self, get_engine: Callable[[], Any | None], get_status: Callable[[], dict[str, bool]]
+        self, get_engine: Callable[[], EngineClient | None], get_status: Callable[[], dict[str, bool]]
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
@@ -121,7 +122,9 @@ class ServerMetrics:
 class _ScrapeCollector:
     """Gauges and counters read from the engine (and its adapter cache) at scrape time."""
 
-    def __init__(self, metrics: ServerMetrics, get_engine: Callable[[], Any | None], get_status) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, get_engine: Callable[[], EngineClient | None], get_status
+    ) -> None:
         self._metrics, self._get_engine, self._get_status = metrics, get_engine, get_status
 
     def collect(self) -> Iterator[Metric]:
@@ -139,19 +142,15 @@ class _ScrapeCollector:
         engine = self._get_engine()
         if engine is None:
             return
-        scheduler, blocks = engine.scheduler, engine.blocks
+        snap = engine.status()
         yield _gauge(
-            "loraplex_num_requests_running", "Requests admitted to the running batch", scheduler.num_running
+            "loraplex_num_requests_running", "Requests admitted to the running batch", snap.num_running
         )
-        yield _gauge("loraplex_num_requests_waiting", "Requests waiting for admission", scheduler.num_waiting)
-        used = blocks.num_blocks - blocks.num_free
+        yield _gauge("loraplex_num_requests_waiting", "Requests waiting for admission", snap.num_waiting)
+        used, total = snap.kv_blocks_used, snap.kv_blocks_total
         yield _gauge("loraplex_kv_cache_blocks_used", "KV cache blocks in use", used)
-        yield _gauge("loraplex_kv_cache_blocks_total", "KV cache blocks in the pool", blocks.num_blocks)
-        yield _gauge(
-            "loraplex_kv_cache_usage_ratio",
-            "Fraction of KV cache blocks in use",
-            used / max(1, blocks.num_blocks),
-        )
+        yield _gauge("loraplex_kv_cache_blocks_total", "KV cache blocks in the pool", total)
+        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", used / max(1, total))
 
         running, waiting = self._metrics.adapters_by_phase()
         info = GaugeMetricFamily(
@@ -160,32 +159,31 @@ class _ScrapeCollector:
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
         info.add_metric(
-            [",".join(running), ",".join(waiting), str(engine.config.max_active_adapters)], time.time()
+            [",".join(running), ",".join(waiting), str(engine.info.max_active_adapters)], time.time()
         )
         yield info
-        yield from _cache_metrics(engine.adapter_cache.stats())
-        yield from _offload_metrics(engine)
+        yield from _cache_metrics(snap.adapter_cache)
+        yield from _offload_metrics(snap)
 
 
-def _offload_metrics(engine: Any) -> Iterator[Metric]:
-    stats = engine.offload_stats
+def _offload_metrics(snap: EngineStatus) -> Iterator[Metric]:
     yield _gauge(
         "loraplex_offloaded",
         "1 while the model's device copies are released after idling (--idle-offload-seconds)",
-        engine.offloaded is not None,
+        snap.offloaded,
     )
     yield _gauge(
         "loraplex_device_bytes",
         "Bytes of base weights, adapter slots and KV cache the engine holds on its device (0 offloaded)",
-        engine.device_bytes(),
+        snap.device_bytes,
     )
-    yield CounterMetricFamily("loraplex_offloads", "Idle offloads of the model", value=stats["offloads"])
-    yield CounterMetricFamily("loraplex_wakeups", "Wake-ups of the model after an idle offload", value=stats["wakeups"])
+    yield CounterMetricFamily("loraplex_offloads", "Idle offloads of the model", value=snap.offloads)
+    yield CounterMetricFamily("loraplex_wakeups", "Wake-ups of the model after an idle offload", value=snap.wakeups)
     yield SummaryMetricFamily(
         "loraplex_wakeup_seconds",
         "Time to bring the offloaded model back (within the first request's latency)",
-        count_value=stats["wakeups"],
-        sum_value=stats["wakeup_seconds_sum"],
+        count_value=snap.wakeups,
+        sum_value=snap.wakeup_seconds_sum,
     )
 
 

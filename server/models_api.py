@@ -26,16 +26,17 @@ def _state(request: Request) -> ServerState:
 
 # ---- models ---------------------------------------------------------------------------------------
 async def _model_cards(state: ServerState, call: Call) -> list[dict]:
-    engine = state.engine
+    engine = state.require_engine()
     base = state.base_name
+    max_len = engine.info.max_model_len
     cards = []
     if call.policy is not None and call.policy.may_use(base):
-        cards.append(_card(state, base, None, True, "base", engine.max_model_len))
-    rows = await run_in_threadpool(engine.adapter_cache.list)
+        cards.append(_card(state, base, None, True, "base", max_len))
+    rows = await run_in_threadpool(engine.list_adapters)
     for row in rows:
-        name = row["name"]
+        name = row.name
         if call.policy is not None and call.policy.may_use(name) and not state.is_base(name):
-            cards.append(_card(state, name, base, row["tier"] == "device", row["tier"], engine.max_model_len))
+            cards.append(_card(state, name, base, row.tier == "device", row.tier, max_len))
     return cards
 
 
@@ -86,35 +87,20 @@ async def load_adapter(request: Request) -> Response:
         name, path = f.string("lora_name"), f.string("lora_path")
         if not name or not _ADAPTER_NAME.fullmatch(name) or ".." in name:
             raise _bad("'lora_name' must be a valid adapter name (letters, digits, '._-/@:')", "lora_name")
-        cache = state.engine.adapter_cache
+        engine = state.require_engine()
         if state.is_base(name):
             raise _bad(f"'{name}' is the base model's name", "lora_name")
         registered = False
         if path is not None:
             if not Path(path).expanduser().is_dir():
                 raise _bad(f"lora_path {path!r} is not a directory", "lora_path")
-            current = cache.sources.named.get(name)
-            if (
-                current is not None
-                and Path(current).expanduser().resolve() != Path(path).expanduser().resolve()
-            ):
-                raise _bad(
-                    f"The lora adapter '{name}' is already registered with another path; unload it first.",
-                    "lora_name",
-                )
-            if current is None:
-                if cache.known(name):
-                    raise _bad(f"The lora adapter '{name}' already exists (adapter directory).", "lora_name")
-                cache.sources.named[name] = path
-                registered = True
+            registered = engine.register_adapter(name, path)
         try:
-            await run_in_threadpool(cache.load, name, False, LOAD_WAIT_SECONDS)
+            await run_in_threadpool(engine.load_adapter, name, LOAD_WAIT_SECONDS)
         except AdapterError:
             if registered:
-                cache.sources.named.pop(name, None)
+                engine.unregister_adapter(name)
             raise
-        if registered:
-            state.dynamic_adapters.add(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     return await state.handle(request, "load_lora_adapter", handler, admin=True)
@@ -129,17 +115,14 @@ async def unload_adapter(request: Request) -> Response:
         name = Fields(body).string("lora_name")
         if not name:
             raise _bad("'lora_name' is required", "lora_name")
-        cache = state.engine.adapter_cache
+        engine = state.require_engine()
         try:
-            found = cache.unload(name)
+            found = engine.unload_adapter(name)
         except AdapterError as exc:
             if exc.code == "adapter_in_use":
                 exc.status = 409
             raise
-        if name in state.dynamic_adapters:
-            state.dynamic_adapters.discard(name)
-            cache.sources.named.pop(name, None)
-            found = True
+        found = engine.unregister_adapter(name) or found
         if not found:
             raise NotFoundError(f"The lora adapter '{name}' is not loaded.", param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..scheduler.request import SamplingParams
-from .generation import Choice, EventStream, Job, sse, until_disconnect
+from ..engine.protocol import EngineClient, RequestOutput
+from ..scheduler.sampling_params import SamplingParams
+from .generation import Choice, EventStream, finite_logprob, sse
 from .schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion
 from .state import Call, ServerState
 
@@ -31,36 +31,9 @@ def _params(
 ) -> SamplingParams:
     max_tokens = sampling.max_tokens
     if max_tokens is None:  # chat default: the rest of the context
-        max_tokens = max(1, state.engine.max_model_len - len(prompt_ids))
+        max_tokens = max(1, state.require_engine().info.max_model_len - len(prompt_ids))
     state.check_fits(prompt_ids, max_tokens)
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling.params)
-
-
-async def _first_or_error(state: ServerState, call: Call, job: Job, adapter: str | None):
-    """Wait for the first output (so that an adapter that fails to load answers with an error status
-    instead of an empty 200 stream); closes the job on failure or disconnect."""
-    try:
-        first = await until_disconnect(job.next_event(), call.request.receive)
-    except BaseException:
-        await job.close()
-        raise
-    assert first is not None  # a job has at least one choice
-    choice, out = first
-    if out.finished and out.finish_reason == "error" and not choice.token_ids:
-        await job.close()
-        raise state.generation_error(adapter, out.error)
-    return first
-
-
-async def _finish(state: ServerState, call: Call, job: Job, adapter: str | None) -> None:
-    """Run a non-streaming job to the end (abort on disconnect); raise the first choice's error."""
-    try:
-        await until_disconnect(job.run_to_end(), call.request.receive)
-    finally:
-        await job.close()
-    failed = job.first_error()
-    if failed is not None:
-        raise state.generation_error(adapter, failed.error)
 
 
 # ---- completions ----------------------------------------------------------------------------------
@@ -73,9 +46,9 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
     for ids in prompts[1:]:
         state.check_fits(ids, params.max_tokens)
     job, rid = await state.start_job(call, adapter, prompts, params, req.sampling.n, "cmpl")
-    tokenizer = state.engine.tokenizer
+    engine = state.require_engine()
     n = req.sampling.n
-    echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in req.prompts]
+    echoes = [(p if isinstance(p, str) else engine.decode(p)) if req.echo else "" for p in req.prompts]
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -85,17 +58,17 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
         return out
 
     if not req.sampling.stream:
-        await _finish(state, call, job, adapter)
+        await state.finish_job(call, job, adapter)
         choices = []
         for c in job.choices:
             echo = echoes[c.index // n]
-            lp = _completion_logprobs(tokenizer, c.logprobs, len(echo)) if req.logprobs is not None else None
+            lp = _completion_logprobs(engine, c.logprobs, len(echo)) if req.logprobs is not None else None
             choices.append(
                 {"index": c.index, "text": echo + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
             )
         return JSONResponse(chunk(choices, job.usage))
 
-    first = await _first_or_error(state, call, job, adapter)
+    first = await state.first_event(call, job, adapter)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -114,7 +87,7 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
                             ]
                         )
                     )
-            event = first
+            event: tuple[Choice, RequestOutput] | None = first
             while event is not None:
                 c, out = event
                 if out.finish_reason == "error":
@@ -122,7 +95,7 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
                 elif out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids):
                     lp = None
                     if req.logprobs is not None:
-                        lp = _completion_logprobs(tokenizer, out.new_logprobs or [], offsets[c.index])
+                        lp = _completion_logprobs(engine, out.new_logprobs or [], offsets[c.index])
                         offsets[c.index] += sum(len(t) for t in lp["tokens"])
                     finish = c.finish_reason if out.finished else None
                     yield sse(
@@ -147,20 +120,16 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
     return EventStream(events(), state.stream_ended(call))
 
 
-def _completion_logprobs(tokenizer: Any, entries: list[tuple], offset: int) -> dict:
+def _completion_logprobs(engine: EngineClient, entries: list[tuple], offset: int) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     for token_id, lp, top in entries:
-        text = tokenizer.decode([token_id])
+        text = engine.decode([token_id])
         tokens.append(text)
-        token_lps.append(_finite(lp))
-        tops.append({tokenizer.decode([t]): _finite(v) for t, v in top})
+        token_lps.append(finite_logprob(lp))
+        tops.append({engine.decode([t]): finite_logprob(v) for t, v in top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -9999.0
 
 
 # ---- chat -----------------------------------------------------------------------------------------
@@ -172,7 +141,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(state, req.sampling, ids, logprobs)
     job, rid = await state.start_job(call, adapter, [ids], params, req.sampling.n, "chatcmpl")
-    tokenizer = state.engine.tokenizer
+    engine = state.require_engine()
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -188,8 +157,8 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
         return out
 
     if not req.sampling.stream:
-        await _finish(state, call, job, adapter)
-        choices = [_chat_choice(c, tokenizer, req.logprobs) for c in job.choices]
+        await state.finish_job(call, job, adapter)
+        choices = [_chat_choice(c, engine, req.logprobs) for c in job.choices]
         body = {
             "id": rid,
             "object": "chat.completion",
@@ -199,7 +168,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
         }
         return JSONResponse({**body, "usage": job.usage})
 
-    first = await _first_or_error(state, call, job, adapter)
+    first = await state.first_event(call, job, adapter)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -208,14 +177,14 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
                 yield sse(
                     chunk([{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}])
                 )
-            event = first
+            event: tuple[Choice, RequestOutput] | None = first
             while event is not None:
                 c, out = event
                 if out.finish_reason == "error":
                     yield sse(state.generation_error(adapter, out.error).to_openai())
                 else:
                     lp = (
-                        {"content": _chat_logprobs(tokenizer, out.new_logprobs or [])}
+                        {"content": _chat_logprobs(engine, out.new_logprobs or [])}
                         if req.logprobs
                         else None
                     )
@@ -247,22 +216,22 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     return EventStream(events(), state.stream_ended(call))
 
 
-def _chat_choice(c: Choice, tokenizer: Any, logprobs: bool) -> dict:
+def _chat_choice(c: Choice, engine: EngineClient, logprobs: bool) -> dict:
     return {
         "index": c.index,
         "message": {"role": "assistant", "content": c.text},
-        "logprobs": {"content": _chat_logprobs(tokenizer, c.logprobs)} if logprobs else None,
+        "logprobs": {"content": _chat_logprobs(engine, c.logprobs)} if logprobs else None,
         "finish_reason": c.finish_reason,
     }
 
 
-def _token_entry(tokenizer: Any, token_id: int, lp: float) -> dict:
-    text = tokenizer.decode([token_id])
-    return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+def _token_entry(engine: EngineClient, token_id: int, lp: float) -> dict:
+    text = engine.decode([token_id])
+    return {"token": text, "logprob": finite_logprob(lp), "bytes": list(text.encode("utf-8"))}
 
 
-def _chat_logprobs(tokenizer: Any, entries: list[tuple]) -> list[dict]:
+def _chat_logprobs(engine: EngineClient, entries: list[tuple]) -> list[dict]:
     return [
-        {**_token_entry(tokenizer, t, lp), "top_logprobs": [_token_entry(tokenizer, a, v) for a, v in top]}
+        {**_token_entry(engine, t, lp), "top_logprobs": [_token_entry(engine, a, v) for a, v in top]}
         for t, lp, top in entries
     ]

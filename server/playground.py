@@ -85,16 +85,16 @@ async def status(request: Request) -> Response:
     engine = state.engine
     if engine is None:
         return JSONResponse(out)
-    rows = await run_in_threadpool(engine.adapter_cache.list)  # reads the adapter dir: off the loop
-    stats = engine.adapter_cache.stats()
-    blocks = engine.blocks
+    rows = await run_in_threadpool(engine.list_adapters)  # reads the adapter dir: off the loop
+    snap = engine.status()
+    stats = snap.adapter_cache
     device, host = stats["device"], stats["host"]
     out.update(
         model=state.base_name,
-        requests={"running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting},
-        kv_cache={"blocks_used": blocks.num_blocks - blocks.num_free, "blocks_total": blocks.num_blocks},
+        requests={"running": snap.num_running, "waiting": snap.num_waiting},
+        kv_cache={"blocks_used": snap.kv_blocks_used, "blocks_total": snap.kv_blocks_total},
         adapters={
-            "resident": [r["name"] for r in rows if r["tier"] == "device" and policy.may_use(r["name"])],
+            "resident": [r.name for r in rows if r.tier == "device" and policy.may_use(r.name)],
             "device_slots": device["slots"],
             "device_resident": device["resident"],
             "host_resident": host["resident"],

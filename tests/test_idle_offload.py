@@ -17,7 +17,7 @@ from tiny_models import reference_greedy
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.errors import ConfigError
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9], [9, 10, 11], [12, 13, 14, 15]]
 ADAPTERS = [None, "a0", "a1"]
@@ -94,6 +94,7 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
+@pytest.mark.slow  # a real `loraplex serve` subprocess
 @pytest.mark.parametrize("mode", ["host", "drop"])
 def test_server_offloads_when_idle_and_the_next_request_wakes_it(world, tmp_path, mode):
     base, adapters = world

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -255,7 +255,7 @@ def test_batch_composition_invariance_bit_exact(dtype):
         assert torch.equal(y, y1)
 
 
-def test_lora_apply_dispatch(monkeypatch):
+def test_lora_apply_dispatch():
     case = make_case(30, 4, 8, [32, 16, 16], 48, F32, seed=2)
     meta = build_lora_meta(case.token_slot, case.slot_ranks, device=DEVICE)
     y0 = torch.randn(30, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -263,14 +263,12 @@ def test_lora_apply_dispatch(monkeypatch):
 
     y_ref = y0.clone()
     lora_apply_ref(y_ref, *args)
-    for backend in ("triton", "torch"):
-        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", backend)
+    for backend in ("auto", "triton", "torch"):
         y = y0.clone()
-        lora_apply(y, *args)
+        lora_apply(y, *args, backend=backend)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="LORAPLEX_LORA_BACKEND"):
-        lora_apply(y0.clone(), *args)
+    with pytest.raises(ValueError, match="backend"):
+        lora_apply(y0.clone(), *args, backend="cuda")
 
 
 def test_wrappers_reject_bad_inputs():
@@ -307,7 +305,7 @@ def test_model_with_triton_path_gives_same_greedy_tokens(tmp_path, monkeypatch):
 
     from loraplex.config import Config
     from loraplex.engine.engine import Engine
-    from loraplex.scheduler.request import SamplingParams
+    from loraplex.scheduler.sampling_params import SamplingParams
 
     base = save_tiny_model(tmp_path / "base", "llama", seed=2)
     adapters = {
@@ -318,9 +316,7 @@ def test_model_with_triton_path_gives_same_greedy_tokens(tmp_path, monkeypatch):
     prompts = [[5, 9, 100, 7], [3] * 11, [250, 1, 2], [42, 43]]
     which = ["qv", "all", None, "all"]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
-    reference = [r.token_ids for r in Engine(cfg).generate(prompts, which, params)]
-    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    reference = [r.token_ids for r in Engine(replace(cfg, lora_backend="torch")).generate(prompts, which, params)]
     import loraplex.kernels.lora_shrink as shrink_module
 
     calls = {"n": 0}
@@ -331,6 +327,6 @@ def test_model_with_triton_path_gives_same_greedy_tokens(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(shrink_module, "lora_shrink", counting)
-    triton_tokens = [r.token_ids for r in Engine(cfg).generate(prompts, which, params)]
+    triton_tokens = [r.token_ids for r in Engine(replace(cfg, lora_backend="triton")).generate(prompts, which, params)]
     assert calls["n"] > 0  # the Triton kernels really ran
     assert triton_tokens == reference

@@ -23,14 +23,16 @@ from server_fixtures import free_port, make_world, start_server, wait_ready
 from loraplex.bench import (
     BenchConfig,
     LengthSpec,
+    RequestResult,
     arrival_gaps,
     build_workload,
     check_target,
+    percentile,
     popularity_weights,
     run_benchmark,
+    summarize,
 )
-from loraplex.bench_cli import main as bench_main
-from loraplex.bench_stats import RequestResult, percentile, summarize
+from loraplex.bench.cli import main as bench_main
 from loraplex.cli import main as cli_main
 
 FAKE_SERVER = Path(__file__).with_name("fake_openai_server.py")
@@ -63,6 +65,17 @@ def run(cfg: BenchConfig):
 
 
 # ---- pure statistics and workload ------------------------------------------------------------------
+def test_bench_package_stays_client_side():
+    """loraplex.bench load-tests from a machine without the engine: importing it (and its command)
+    must pull in neither torch nor loraplex.engine. A fresh interpreter: this one has both loaded."""
+    code = (
+        "import sys, loraplex.bench, loraplex.bench.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('loraplex.engine')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_percentile_matches_numpy():
     rng = random.Random(0)
     for n in (1, 2, 7, 100):

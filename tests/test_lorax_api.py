@@ -23,7 +23,9 @@ from server_fixtures import make_world, start_server, wait_ready
 
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow  # a real `loraplex serve` subprocess (integration)
 
 BASE = "tiny-base"
 PROMPT = "What is the capital of France?"

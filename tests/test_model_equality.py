@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, save_tiny_model
@@ -9,7 +11,7 @@ from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, sa
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.engine.runner import StepSeq
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.sampling_params import SamplingParams
 
 MAX_NEW = 12
 
@@ -32,14 +34,16 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("rows", ["1", "0"], ids=["rows", "no-rows"])
-def test_mixed_batch_matches_transformers_peft(arch_setup, rows, monkeypatch):
-    """rows=0 takes away the CPU row tables, so the matmul strategies (grouped, dense, fused) serve."""
-    monkeypatch.setenv("LORAPLEX_CPU_LORA_ROWS", rows)
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "no-rows"])
+def test_mixed_batch_matches_transformers_peft(arch_setup, rows):
+    """rows=False takes away the CPU row tables, so the matmul strategies (grouped, dense, fused) serve."""
     arch, base, adapters = arch_setup
+    adapter_args = tuple((n, str(p)) for n, p in adapters.items())
     engine = Engine(
-        Config(model=str(base), adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32", max_lora_rank=16)
+        Config(model=str(base), adapters=adapter_args, dtype="float32", max_lora_rank=16, cpu_lora_rows=rows)
     )
+    if engine.device.type == "cpu":  # the switch reached the model (row tables exist on CPU only)
+        assert (engine.model.layers[0].qkv.lora_at is not None) == rows
     names = list(adapters)
     prompts = _prompts(384)
     # every adapter at least once, plus base-only requests (None) and the base model by its own name
@@ -92,7 +96,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
         assert res.token_ids == ref, f"adapter={name} prompt_len={len(prompt)}"
 
 
-def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
+def test_bfloat16_cpu_paths_agree(arch_setup):
     """16-bit CPU models take the oneDNN-packed base matmul and the per-token rows LoRA strategy (the
     default); the plain path (packing and row tables off: F.linear and the matmul LoRA strategies) is the
     yardstick. Against the float32 engine, the default path's logits are as close as the plain path's
@@ -104,9 +108,7 @@ def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
     cfg = Config(model=str(base), adapters=adapter_args, dtype="bfloat16", max_lora_rank=16)
     exact = Engine(Config(model=str(base), adapters=adapter_args, dtype="float32", max_lora_rank=16))
     default = Engine(cfg)
-    monkeypatch.setenv("LORAPLEX_CPU_PACKED_LINEAR", "0")
-    monkeypatch.setenv("LORAPLEX_CPU_LORA_ROWS", "0")
-    plain = Engine(cfg)
+    plain = Engine(replace(cfg, cpu_packed_linear=False, cpu_lora_rows=False))
     if default.model.layers[0].qkv.packed is None:
         pytest.skip("no oneDNN packed linear in this torch build")
     assert plain.model.layers[0].qkv.packed is None and plain.model.layers[0].qkv.lora_at is None

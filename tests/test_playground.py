@@ -23,6 +23,8 @@ import pytest
 from server_fixtures import make_world, save_tokenizer, start_server, wait_ready
 from tiny_models import make_config
 
+pytestmark = pytest.mark.slow  # a real `loraplex serve` subprocess (integration)
+
 BASE = "tiny-base"
 ADMIN = "sk-playground-admin"
 TENANT = "sk-playground-a0"  # may use a0 only

@@ -28,6 +28,7 @@ from loraplex.deploy.ray.app import ADAPTERS_HEADER, REPLICA_HEADER, AppArgs, _m
 
 pytestmark = [
     pytest.mark.ray,
+    pytest.mark.slow,  # most tests start a local Ray cluster
     # the test config's 1 s look-back window is below Ray's (deprecated) metrics_interval_s default
     pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
 ]
@@ -188,6 +189,38 @@ def test_config_file_builds_the_app():
         build_app({"modle": "x"})
 
 
+def test_app_args_are_the_config_and_server_fields():
+    """AppArgs takes Config fields (at the top level or under engine:) and the replica's ServerConfig
+    fields by name, from the same field list as `loraplex serve`; Ray's own settings are refused."""
+    from loraplex.config import ServerConfig, settings
+    from loraplex.deploy.ray.app import REPLICA_CONFIG_FIELDS, REPLICA_SERVER_FIELDS
+
+    assert set(REPLICA_CONFIG_FIELDS) == {s.name for s in settings(Config)} - {"max_host_adapters"}
+    assert set(REPLICA_SERVER_FIELDS) <= {s.name for s in settings(ServerConfig)}
+    args = AppArgs.parse(
+        {
+            "adapters": ["a=/x/a"],
+            "preload": ["p"],
+            "cpu_lora_rows": False,
+            "lora_backend": "torch",
+            "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 64},
+            "max_queue": 3,
+            "api_key": "k",
+            "max_adapters_per_replica": 2,
+        }
+    )
+    config = args.config()
+    assert config.adapters == (("a", "/x/a"),) and config.preload == ("p",)
+    assert (config.cpu_lora_rows, config.lora_backend, config.max_num_seqs) == (False, "torch", 4)
+    assert config.max_host_adapters == 2 and config.max_active_adapters == 2
+    assert args.server.max_queue == 3 and args.server.api_key == "k"
+    for bad in ({"port": 1}, {"max_host_adapters": 4}, {"engine": {"modle": "x"}}, {"engine": {"host": "h"}}):
+        with pytest.raises(ValueError, match="unknown loraplex app args"):
+            AppArgs.parse(bad)
+    with pytest.raises(ValueError, match="both"):
+        AppArgs.parse({"max_num_seqs": 2, "engine": {"max_num_seqs": 4}})
+
+
 def test_model_of_request_body():
     assert _model_of("/v1/completions", b'{"model": "a0", "prompt": "x"}') == "a0"
     assert _model_of("/v1/chat/completions", b'{"model": "a1"}') == "a1"
@@ -243,7 +276,7 @@ def test_openai_client_matches_the_engine(cluster):
     from openai import OpenAI
 
     from loraplex.engine.engine import Engine
-    from loraplex.scheduler.request import SamplingParams
+    from loraplex.scheduler.sampling_params import SamplingParams
 
     engine = Engine(Config(model=str(cluster["base"]), adapter_dir=str(cluster["adapters"]), **ENGINE))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)

@@ -10,7 +10,7 @@ import torch
 
 from loraplex.engine.sampler import apply_penalties, make_generator, sample, sample_batch
 from loraplex.errors import InvalidRequestError
-from loraplex.scheduler.request import MAX_LOGPROBS, SamplingParams
+from loraplex.scheduler.sampling_params import MAX_LOGPROBS, SamplingParams
 
 VOCAB = 64
 

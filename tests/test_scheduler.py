@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from loraplex.scheduler.block_manager import BlockAllocator
-from loraplex.scheduler.request import SamplingParams
+from loraplex.scheduler.request import Request, RequestState
+from loraplex.scheduler.sampling_params import SamplingParams
 from loraplex.scheduler.scheduler import Batch, Residency, Scheduler, StaticResidency
-from loraplex.scheduler.sequence import Request, RequestState
 
 
 def sampled(request_id: str, position: int) -> int:

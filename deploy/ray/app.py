@@ -16,6 +16,9 @@ scale-to-zero waits for a replica to build its engine.
 
     serve run deploy/ray/serve_config.yaml                      # or, in Python:
     serve.run(build_app({"adapter_dir": "/models/adapters"}))
+
+The app args are the names of Config and ServerConfig fields (the same list as `loraplex serve`'s flags),
+less what Ray Serve itself sets (see REPLICA_SERVER_FIELDS).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray import serve
@@ -34,10 +37,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from loraplex.config import Config, parse_adapter_flag
+from loraplex.config import Config, ServerConfig, build, settings
 from loraplex.engine.default_model import DEFAULT_MODEL_NAME
 from loraplex.errors import InvalidRequestError, LoraplexError
-from loraplex.server.app import DEFAULT_MAX_BODY_BYTES
 from loraplex.server.errors import (
     NotFoundError,
     PayloadTooLargeError,
@@ -64,48 +66,53 @@ MODEL_ROUTES = {  # path -> where its body names the model
 LOCAL_ROUTES = {"/health", "/ready", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
 
+# Config fields an app arg may set: all but max_host_adapters, which is max_adapters_per_replica.
+REPLICA_CONFIG_FIELDS = tuple(s.name for s in settings(Config) if s.name != "max_host_adapters")
+# ServerConfig fields that apply per replica; the bind address, the shutdown grace and logging are Ray
+# Serve's own (http_options, graceful_shutdown_timeout_s, logging_config).
+REPLICA_SERVER_FIELDS = ("served_model_name", "api_key", "api_keys_file", "max_queue", "max_body_bytes")
+
+
 @dataclass(frozen=True)
 class AppArgs:
-    """The application's arguments (`args:` in the Serve config). Engine fields use Config's names."""
+    """The application's arguments (`args:` in the Serve config): Config and ServerConfig fields by name
+    (REPLICA_CONFIG_FIELDS, REPLICA_SERVER_FIELDS; Config ones also grouped under `engine:`), plus the
+    Ray-only settings below."""
 
-    model: str | None = None  # as --model; None: the embedded default with its demo adapters
-    adapters: list[str] = field(default_factory=list)  # NAME=SOURCE, as --adapter
-    adapter_dir: str | None = None  # as --adapter-dir: shared storage every replica can read
-    allow_hub: bool = False
+    engine: Mapping[str, Any] = field(default_factory=dict)  # Config fields (adapters: NAME=SOURCE list)
+    server: ServerConfig = field(default_factory=ServerConfig)
     max_adapters_per_replica: int = 8  # multiplexed models per replica = the engine's host tier size
-    engine: dict = field(default_factory=dict)  # other Config fields: dtype, max_num_seqs, kv_cache_gib...
-    served_model_name: str | None = None
-    max_queue: int | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    api_key: str | None = None
-    api_keys_file: str | None = None
     replica_options: dict = field(default_factory=dict)  # Ray deployment options (YAML: `deployments:`)
     ingress_options: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, args: dict[str, Any] | None) -> AppArgs:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args or {}) - known)
+    def parse(cls, args: Mapping[str, Any] | None) -> AppArgs:
+        args = dict(args or {})
+        nested = args.pop("engine", None) or {}
+        if not isinstance(nested, Mapping):
+            raise ValueError("loraplex app arg engine must be a mapping of Config fields")
+        own = ("max_adapters_per_replica", "replica_options", "ingress_options")
+        known = {*REPLICA_CONFIG_FIELDS, *REPLICA_SERVER_FIELDS, *own, "engine"}
+        unknown = sorted(set(args) - known) + sorted(f"engine.{k}" for k in set(nested) - set(REPLICA_CONFIG_FIELDS))
         if unknown:
             raise ValueError(f"unknown loraplex app args {unknown}; known: {sorted(known)}")
-        return cls(**(args or {}))
+        twice = sorted(set(args) & set(nested))
+        if twice:
+            raise ValueError(f"loraplex app args {twice} given both at the top level and under engine")
+        engine = {**nested, **{k: v for k, v in args.items() if k in REPLICA_CONFIG_FIELDS}}
+        server = build(ServerConfig, {k: v for k, v in args.items() if k in REPLICA_SERVER_FIELDS})
+        return cls(engine, server, **{k: v for k, v in args.items() if k in own})
 
     def config(self) -> Config:
         engine = dict(self.engine)
         if "max_active_adapters" not in engine:  # device slots never outnumber the adapters held
             engine["max_active_adapters"] = min(Config.max_active_adapters, self.max_adapters_per_replica)
-        return Config(
-            model=self.model,
-            adapters=tuple(parse_adapter_flag(a) for a in self.adapters),
-            adapter_dir=self.adapter_dir,
-            allow_hub=self.allow_hub,
-            max_host_adapters=self.max_adapters_per_replica,
-            **engine,
-        )
+        return build(Config, {**engine, "max_host_adapters": self.max_adapters_per_replica})
 
     def base_names(self) -> list[str]:
         """Names the base model answers to: requests for them carry no multiplexed model id."""
-        return sorted({n for n in (self.served_model_name, self.model or DEFAULT_MODEL_NAME) if n})
+        model = self.engine.get("model")
+        return sorted({n for n in (self.server.served_model_name, model or DEFAULT_MODEL_NAME) if n})
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
@@ -114,19 +121,11 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     then the `deployments:` section of a Serve config."""
     a = AppArgs.parse(args)
     config = a.config()  # a bad value fails here, at deploy time, not in every replica
-    if a.max_queue is not None and a.max_queue < 1:
-        raise ValueError("max_queue must be >= 1")
-    server = {
-        "served_model_name": a.served_model_name,
-        "max_queue": a.max_queue,
-        "max_body_bytes": a.max_body_bytes,
-        "api_key": a.api_key,
-        "api_keys_file": a.api_keys_file,
-    }
+    server = a.server
     # One replica runs max_num_seqs requests at once and queues up to max_queue more (max_num_seqs more
     # without one): its concurrency limit, as Knative's containerConcurrency. Autoscaling aims at full
     # batches.
-    concurrency = config.max_num_seqs + (a.max_queue if a.max_queue is not None else config.max_num_seqs)
+    concurrency = config.max_num_seqs + (server.max_queue if server.max_queue is not None else config.max_num_seqs)
     replica_options = {
         "max_ongoing_requests": concurrency,
         "autoscaling_config": {
@@ -143,7 +142,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     if "num_replicas" in a.replica_options:  # a fixed count replaces autoscaling
         replica_options.pop("autoscaling_config", None)
     replicas = LoraplexReplica.options(**replica_options).bind(config, server, a.max_adapters_per_replica)
-    return LoraplexIngress.options(**a.ingress_options).bind(replicas, a.base_names(), a.max_body_bytes)
+    return LoraplexIngress.options(**a.ingress_options).bind(replicas, a.base_names(), server.max_body_bytes)
 
 
 def _model_of(path: str, body: bytes) -> str:
@@ -241,27 +240,32 @@ class _Held:
 class LoraplexReplica:
     """One engine and its loraplex Starlette app (auth, validation, errors, streaming: all unchanged)."""
 
-    def __init__(self, config: Config, server: dict[str, Any], max_adapters: int) -> None:
-        from loraplex.cli import _demo_adapter_sources
+    def __init__(self, config: Config, server: ServerConfig, max_adapters: int) -> None:
         from loraplex.engine.async_engine import AsyncEngine
+        from loraplex.engine.demo_adapters import demo_adapter_sources
         from loraplex.engine.engine import Engine
         from loraplex.server.app import create_app
         from loraplex.server.auth import build_key_table
 
         if config.model is None and not config.adapters and config.adapter_dir is None:
-            config = replace(config, adapters=_demo_adapter_sources())  # as `loraplex serve` does
+            config = replace(config, adapters=demo_adapter_sources(config.cache_dir))  # as `loraplex serve` does
         self.aengine = AsyncEngine(Engine(config))
         self.aengine.start()  # the app's lifespan would do it; it never runs here
-        keys = build_key_table(server.get("api_key"), server.get("api_keys_file"))
-        app_args = {k: v for k, v in server.items() if k not in ("api_key", "api_keys_file")}
-        self.app = create_app(self.aengine, api_keys=keys, **app_args)
+        keys = build_key_table(server.api_key, server.api_keys_file)
+        self.app = create_app(
+            self.aengine,
+            api_keys=keys,
+            served_model_name=server.served_model_name,
+            max_queue=server.max_queue,
+            max_body_bytes=server.max_body_bytes,
+        )
         self.state = self.app.state.loraplex
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.held: OrderedDict[str, None] = OrderedDict()  # mirrors the multiplexed set, LRU first
         self.held_lock = threading.Lock()  # Ray runs _Held.__del__ in a worker thread
 
         async def load_adapter(name: str) -> _Held:
-            await asyncio.to_thread(self.aengine.engine.adapter_cache.load, name, False, 600.0)
+            await asyncio.to_thread(self.aengine.load_adapter, name, 600.0)
             with self.held_lock:
                 self.held[name] = None
             return _Held(self, name)
@@ -298,13 +302,12 @@ class LoraplexReplica:
         with self.held_lock:
             self.held.pop(name, None)
         try:
-            self.aengine.engine.adapter_cache.unload(name)
+            self.aengine.unload_adapter(name)
         except LoraplexError:  # running requests still use it: the engine's own LRU drops it later
             pass
 
     def describe(self) -> dict[str, Any]:
         """Which replica this is, what it holds, and the engine's view of each adapter (for tests)."""
-        engine = self.aengine.engine
         aborted = self.state.metrics.registry.get_sample_value(
             "loraplex_request_finished_total", {"reason": "abort"}
         )
@@ -313,8 +316,8 @@ class LoraplexReplica:
         return {
             "replica": self.replica_id,
             "held": held,
-            "engine": {r["name"]: r["tier"] for r in engine.adapter_cache.list()},
-            "num_running": engine.scheduler.num_running,
+            "engine": {r.name: r.tier for r in self.aengine.list_adapters()},
+            "num_running": self.aengine.status().num_running,
             "num_aborted": int(aborted or 0),
         }
 
@@ -324,5 +327,4 @@ class LoraplexReplica:
             return
         self.__dict__.pop("aengine")
         self.state.begin_drain()
-        aengine.stop()
-        aengine.engine.adapter_cache.close()
+        aengine.stop()  # also closes the adapter cache

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..engine.loader import base_shapes_of
-from .peft_format import BaseShapes
+from ..adapter_cache.peft_format import BaseShapes
+from .default_model import default_cache_dir
+from .loader import base_shapes_of, resolve_model_dir
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -176,3 +177,13 @@ def write_demo_adapters(
     return [
         write_lora_adapter(Path(out_dir) / name, by_name[name], shapes, base_name, dtype) for name in chosen
     ]
+
+
+def demo_adapter_sources(cache_dir: str | None = None) -> tuple[tuple[str, str], ...]:
+    """(name, path) of the default model's demo adapters, written once under the cache dir
+    (Config.cache_dir): what `loraplex serve` (and the Ray app) serve when given no model and no adapters."""
+    out = default_cache_dir(cache_dir) / "demo-adapters"
+    names = [spec.name for spec in DEMO_ADAPTERS]
+    if not all((out / n / "adapter_model.safetensors").is_file() for n in names):
+        write_demo_adapters(out, resolve_model_dir(None, cache_dir))
+    return tuple((n, str(out / n)) for n in names)

@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .bench import BenchConfig, BenchResult, LengthSpec, run_benchmark
-from .bench_stats import plot_sweep, table
+from .loadgen import BenchResult, run_benchmark
+from .report import plot_sweep, table
+from .workload import BenchConfig, LengthSpec
 
 
 def _floats(text: str) -> list[float]:
@@ -162,6 +163,6 @@ def _row(server: str, result: BenchResult) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loadtest", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loraplex bench", description=__doc__)
     add_bench_args(parser)
     return cmd_bench(parser.parse_args(argv))

@@ -1,0 +1,143 @@
+"""What the HTTP server (server/), the playground and the Ray app may ask of an engine: one typed
+interface, `EngineClient`, and the plain data it hands back. No torch here (server/ imports this).
+
+`AsyncEngine` (engine/async_engine.py) implements it over the real engine; tests implement it with a
+small fake to exercise routes, schemas and error mapping in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import LoraplexError
+from ..scheduler.sampling_params import SamplingParams
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token id, logprob, top alternatives)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (streamed to its caller)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # text safe to show now (never past a stop string, never half a character)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What does not change while the engine runs (GET /info, limits the server checks up front)."""
+
+    model_name: str  # the base model's own name (the served name may differ)
+    dtype: str  # "bfloat16", ...
+    device: str  # "cpu", "cuda:0", ...
+    max_model_len: int  # prompt + generated tokens
+    kv_blocks: int
+    block_size: int
+    max_active_adapters: int  # device slots
+    max_lora_rank: int
+    max_num_seqs: int
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
+
+
+@dataclass
+class AdapterRow:
+    """One adapter the engine knows and where it is now."""
+
+    name: str
+    tier: str  # device | host | loading | failed | disk
+
+
+@dataclass
+class EngineStatus:
+    """A snapshot of the live numbers (GET /v1/status, /metrics)."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    # adapter cache counters: {"device": {...}, "host": {...}, "loads", "load_failures", "loading"}
+    adapter_cache: dict[str, Any] = field(default_factory=dict)
+    offloaded: bool = False
+    device_bytes: int = 0
+    offloads: int = 0
+    wakeups: int = 0
+    wakeup_seconds_sum: float = 0.0
+
+
+class EngineClient(Protocol):
+    """The engine as the server sees it. Methods not marked async return at once (no model compute);
+    `list_adapters` and `load_adapter` may touch the disk: call them off the event loop."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def start(self) -> None:
+        """Start stepping (idempotent)."""
+
+    def stop(self) -> None:
+        """Stop stepping and release background loaders (at shutdown)."""
+
+    # ---- text ----
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        """Token ids of `messages` through the chat template (the adapter's own when it ships one)."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    # ---- requests ----
+    async def submit(
+        self,
+        prompt: str | list[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Queue a request; iterate its outputs until finished. Validation errors raise here. Closing the
+        iterator early aborts the request."""
+
+    def abort(self, request_id: str) -> bool: ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for admission (the server's --max-queue check)."""
+
+    def status(self) -> EngineStatus: ...
+
+    # ---- adapters ----
+    def admission_error(self, adapter: str) -> LoraplexError | None:
+        """Why a request for `adapter` cannot be admitted now (unknown, failed to load), or None."""
+
+    def adapter_error(self, adapter: str) -> LoraplexError | None:
+        """The cause of `adapter`'s last failed load, if any."""
+
+    def list_adapters(self) -> list[AdapterRow]: ...
+
+    def register_adapter(self, name: str, path: str) -> bool:
+        """Serve the PEFT directory `path` under `name`; False if `name` already names that same path.
+        Raises InvalidRequestError when `name` is taken by another path or an adapter-dir folder."""
+
+    def unregister_adapter(self, name: str) -> bool:
+        """Forget an adapter registered by `register_adapter` (after unloading it)."""
+
+    def load_adapter(self, name: str, timeout: float) -> None:
+        """Load `name` into the host tier (validated), waiting up to `timeout` s; raises AdapterError."""
+
+    def unload_adapter(self, name: str) -> bool:
+        """Drop `name` from the device and host tiers; False if it was not loaded. Raises AdapterError
+        (code adapter_in_use) while requests use it."""
