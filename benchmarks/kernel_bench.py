@@ -2,13 +2,13 @@
 1024, o 4096 -> 4096, gate|up 4096 -> 14336/14336, down 14336 -> 4096), tokens spread round-robin over
 1..64 distinct adapters, rank 8..64. For each case it times
     triton: h = lora_shrink(x, A, meta); lora_expand(y, h, B, offsets, meta)      (CUDA only)
-    torch:  lora_apply(...) through the torch reference (the CPU path)
+    torch:  lora_delta_cpu(...), the CPU strategies (kernels/cpu_lora.py) as the cost model picks them
 and compares both with the memory floor: bytes of the distinct adapters' A and B plus x read and y read
 and written, over the device's copy bandwidth measured in the same run.
 
     python benchmarks/kernel_bench.py [--dtype bfloat16] [--out benchmarks/out/kernel_bench.json] [--write-results]
 
-Runs on CUDA when available (Triton + torch), else on CPU (torch reference only, a smaller sweep).
+Runs on CUDA when available (Triton + torch), else on CPU (the torch strategies only, a smaller sweep).
 --write-results puts the table into benchmarks/RESULTS.md (between the kernel-benchmark markers).
 Not a test. (Named kernel_bench.py, not kernels.py: a top-level `kernels` module on sys.path would
 shadow the Hugging Face `kernels` package that transformers probes for.)
@@ -59,7 +59,7 @@ def median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
 
 
 def bench_case(proj: str, num_tokens: int, num_adapters: int, rank: int, dtype, device, bandwidth: float) -> dict:
-    from loraplex.kernels import build_lora_meta, lora_apply_ref
+    from loraplex.kernels import build_lora_meta, lora_delta_cpu
 
     in_f, slices = PROJECTIONS[proj]
     offsets = [0]
@@ -77,7 +77,7 @@ def bench_case(proj: str, num_tokens: int, num_adapters: int, rank: int, dtype, 
     elem = x.element_size()
     floor_bytes = active * (len(slices) * rank * in_f + out_total * rank) * elem + (x.numel() + 2 * y.numel()) * elem
     row = dict(proj=proj, tokens=num_tokens, adapters=num_adapters, rank=rank, floor_us=floor_bytes / bandwidth * 1e6)
-    row["torch_us"] = median_seconds(lambda: lora_apply_ref(y, x, lora_a, lora_b, offsets, meta), device) * 1e6
+    row["torch_us"] = median_seconds(lambda: lora_delta_cpu(y, x, lora_a, lora_b, offsets, meta), device) * 1e6
     if device.type == "cuda":
         from loraplex.kernels.lora_expand import lora_expand
         from loraplex.kernels.lora_shrink import lora_shrink
@@ -120,7 +120,7 @@ def main() -> None:
     if device.type == "cuda":
         tokens, adapter_counts, ranks = [1, 16, 64, 256, 512], [1, 8, 32, 64], [8, 16, 64]
         name = torch.cuda.get_device_name()
-    else:  # the torch reference on 2 CPU cores: a smaller sweep keeps it to a few minutes
+    else:  # the torch strategies on 2 CPU cores: a smaller sweep keeps it to a few minutes
         tokens, adapter_counts, ranks = [1, 64, 512], [1, 8, 32, 64], [16]
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     bandwidth = copy_bandwidth(device)

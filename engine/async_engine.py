@@ -27,18 +27,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        cfg = engine.config
-        self.info = EngineInfo(
-            model_name=engine.model_name,
-            dtype=str(engine.dtype).removeprefix("torch."),
-            device=str(engine.device),
-            max_model_len=engine.max_model_len,
-            kv_blocks=engine.blocks.num_blocks,
-            block_size=engine.blocks.block_size,
-            max_active_adapters=cfg.max_active_adapters,
-            max_lora_rank=cfg.max_lora_rank,
-            max_num_seqs=cfg.max_num_seqs,
-        )
+        self.info: EngineInfo = engine.info
         self._registered: set[str] = set()  # adapters added by register_adapter
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._wake = threading.Event()
@@ -65,7 +54,7 @@ class AsyncEngine:
             if not self.engine.has_work():
                 if (
                     cfg.idle_offload_seconds is not None
-                    and self.engine.offloaded is None
+                    and self.engine.device_model.offloaded is None
                     and time.monotonic() - idle_since >= cfg.idle_offload_seconds
                 ):
                     try:
@@ -127,6 +116,9 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def check_request(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        self.info.check_request(num_prompt_tokens, max_tokens)
+
     def abort(self, request_id: str) -> bool:
         ok = self.engine.abort(request_id)
         self._wake.set()
@@ -138,34 +130,33 @@ class AsyncEngine:
 
     def status(self) -> EngineStatus:
         engine, blocks = self.engine, self.engine.blocks
-        stats = engine.offload_stats
+        device_model = engine.device_model
         return EngineStatus(
             num_running=engine.scheduler.num_running,
             num_waiting=engine.scheduler.num_waiting,
             kv_blocks_used=blocks.num_blocks - blocks.num_free,
             kv_blocks_total=blocks.num_blocks,
             adapter_cache=engine.adapter_cache.stats(),
-            offloaded=engine.offloaded is not None,
-            device_bytes=engine.device_bytes(),
-            offloads=stats["offloads"],
-            wakeups=stats["wakeups"],
-            wakeup_seconds_sum=stats["wakeup_seconds_sum"],
+            offloaded=device_model.offloaded is not None,
+            device_bytes=device_model.device_bytes(),
+            offloads=device_model.stats.num_offloads,
+            wakeups=device_model.stats.num_wakeups,
+            wakeup_seconds_sum=device_model.stats.wakeup_seconds_sum,
         )
 
     # ---- text ----
     def encode(self, text: str) -> list[int]:
-        return self.engine.encode(text)
+        return self.engine.text.encode(text)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(token_ids)
+        return self.engine.text.decode(token_ids)
 
     def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
         return self.engine.chat_prompt(messages, adapter)
 
     @property
     def eos_token_id(self) -> int | None:
-        tokenizer = self.engine.tokenizer
-        return None if tokenizer is None else tokenizer.eos_token_id
+        return self.engine.text.eos_token_id
 
     # ---- adapters ----
     def admission_error(self, adapter: str) -> LoraplexError | None:

@@ -33,11 +33,18 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeMeta:
+    """The single-token sequences of a step, attended all at once."""
+
+    rows: torch.Tensor  # [B] rows of single-token sequences
+    kv_idx: torch.Tensor  # [B, L] context KV rows of each, padded with 0
+    masked: torch.Tensor  # [B, 1, 1, L] bool, True = not attended (padding, out of window)
+
+
+@dataclass(frozen=True)
 class AttnMeta:
     kv_write_rows: torch.Tensor  # [T] flat KV cache row written by each new token
-    decode_rows: torch.Tensor | None  # [B] rows of single-token sequences
-    decode_kv_idx: torch.Tensor | None  # [B, L] context KV rows of each, padded with 0
-    decode_masked: torch.Tensor | None  # [B, 1, 1, L] bool, True = not attended (padding, out of window)
+    decode: DecodeMeta | None  # None: no single-token sequence in this step
     prefills: list[PrefillSpan]
 
 
@@ -53,7 +60,7 @@ def build_attn_meta(
         ctx = _context_kv_rows(sp.block_table, sp.start_pos + sp.num_new, block_size)
         kv_write_rows.extend(ctx[sp.start_pos :])
     decodes = [sp for sp in spans if sp.num_new == 1]
-    decode_rows = decode_kv_idx = decode_masked = None
+    decode = None
     if decodes:
         max_len = max(sp.start_pos + 1 for sp in decodes)
         idx = torch.zeros(len(decodes), max_len, dtype=torch.int64)
@@ -63,9 +70,11 @@ def build_attn_meta(
             idx[b, :n] = torch.tensor(_context_kv_rows(sp.block_table, n, block_size))
             lo = max(0, n - sliding_window) if sliding_window else 0
             mask[b, lo:n] = True
-        decode_rows = torch.tensor([sp.row_start for sp in decodes], dtype=torch.int64, device=device)
-        decode_kv_idx = idx.to(device)
-        decode_masked = ~mask[:, None, None, :].to(device)
+        decode = DecodeMeta(
+            rows=torch.tensor([sp.row_start for sp in decodes], dtype=torch.int64, device=device),
+            kv_idx=idx.to(device),
+            masked=~mask[:, None, None, :].to(device),
+        )
     prefills = []
     for sp in spans:
         if sp.num_new == 1:
@@ -84,27 +93,27 @@ def build_attn_meta(
         prefills.append(PrefillSpan(sp.row_start, sp.row_start + sp.num_new, kv_idx.to(device), mask.to(device)))
     return AttnMeta(
         kv_write_rows=torch.tensor(kv_write_rows, dtype=torch.int64, device=device),
-        decode_rows=decode_rows,
-        decode_kv_idx=decode_kv_idx,
-        decode_masked=decode_masked,
+        decode=decode,
         prefills=prefills,
     )
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttnMeta) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta
+) -> torch.Tensor:
     """One query token per sequence, all sequences at once, as two batched matmuls. For a single query
     row this beats the fused CPU SDPA kernel, whose per-call setup dominates at decode sizes."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k_cache.shape[1]
-    b = meta.decode_rows.shape[0]
-    qd = q.index_select(0, meta.decode_rows).view(b, num_kv, num_heads // num_kv, head_dim)  # [B, KVH, G, D]
+    b = meta.rows.shape[0]
+    qd = q.index_select(0, meta.rows).view(b, num_kv, num_heads // num_kv, head_dim)  # [B, KVH, G, D]
     # index_select of the flat rows, not k_cache[idx]: the same gather, ~7x faster here on CPU
-    flat_idx = meta.decode_kv_idx.view(-1)  # [B * L]
-    max_len = meta.decode_kv_idx.shape[1]
+    flat_idx = meta.kv_idx.view(-1)  # [B * L]
+    max_len = meta.kv_idx.shape[1]
     kd = k_cache.index_select(0, flat_idx).view(b, max_len, num_kv, head_dim).permute(0, 2, 3, 1)  # [B, KVH, D, L]
     vd = v_cache.index_select(0, flat_idx).view(b, max_len, num_kv, head_dim).transpose(1, 2)  # [B, KVH, L, D]
     scores = torch.matmul(qd, kd).float() * head_dim**-0.5  # [B, KVH, G, L]
-    scores.masked_fill_(meta.decode_masked, float("-inf"))
+    scores.masked_fill_(meta.masked, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
     return torch.matmul(probs, vd).view(b, num_heads, head_dim)  # [B, H, D]
 
@@ -123,8 +132,8 @@ def attention(
     t, num_heads, head_dim = q.shape
     gqa = num_heads != k.shape[1]
     out = torch.empty_like(q)
-    if meta.decode_rows is not None:
-        out.index_copy_(0, meta.decode_rows, _decode_attention(q, k_cache, v_cache, meta))
+    if meta.decode is not None:
+        out.index_copy_(0, meta.decode.rows, _decode_attention(q, k_cache, v_cache, meta.decode))
     for p in meta.prefills:
         qp = q[p.row_start : p.row_end].transpose(0, 1)[None]  # [1, H, q_len, D]
         if p.kv_idx is None:

@@ -50,13 +50,11 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = len(context)
         self._prefix_text = context_text  # decode(ids[prefix:read]), cached
-        self.output_token_ids: list[int] = []
         self.text = ""  # all text returned so far (by add and flush)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is incomplete)."""
         self._ids.append(token_id)
-        self.output_token_ids.append(token_id)
         window = self._decode(self._ids[self._prefix :])
         if len(window) <= len(self._prefix_text) or window.endswith(REPLACEMENT_CHAR):
             return ""

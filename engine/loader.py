@@ -263,8 +263,10 @@ def export_weights(model: CausalLM, spec: ModelSpec) -> list[tuple[str, torch.Te
     for i, layer in enumerate(model.layers):
         for name, (attr, slice_idx) in _LAYER_PARAMS.items():
             mod = getattr(layer, attr, None)
+            if mod is None:  # q_norm / k_norm on a model without them
+                continue
             for kind in ("weight", "bias"):
-                t = getattr(mod, kind, None) if mod is not None else None
+                t = getattr(mod, kind, None)
                 if t is None:
                     continue
                 if slice_idx is not None:

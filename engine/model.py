@@ -9,15 +9,15 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..kernels import LoraMeta, lora_apply, lora_linear
+from ..kernels import LoraMeta, LoraSlots, lora_linear
 from ..kernels.cpu_linear import pack_weight, packed_linear
-from ..kernels.reference import copy_slot_to_row_tables
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -49,9 +49,9 @@ class KernelOptions:
     """How the model's linears compute; the engine fills it from Config (lora_backend, cpu_packed_linear,
     cpu_lora_rows), so the A/B switches reach the kernels as plain arguments."""
 
-    lora_backend: str = "auto"  # auto | torch | triton (kernels.lora_apply)
+    lora_backend: str = "auto"  # auto | torch | triton (kernels.lora_linear)
     cpu_packed_linear: bool = True  # 16-bit CPU: oneDNN-packed base weights (kernels/cpu_linear.py)
-    cpu_lora_rows: bool = True  # CPU: row tables of the LoRA slots (the per-token rows strategy)
+    cpu_lora_rows: bool = True  # CPU: row tables of the LoRA slots (the rows strategy, kernels/cpu_lora.py)
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,9 @@ class ModelSpec:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, **factory) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, **factory), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,65 +131,47 @@ class RMSNorm(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A frozen (possibly fused) Linear plus stacked LoRA slot buffers for each of its output slices.
+    """A frozen (possibly fused) Linear plus the adapter slots of its output slices (kernels.LoraSlots,
+    which owns every slot layout; after allocate_lora, W and the bias are views into its buffers).
 
     On a 16-bit CPU model a oneDNN-packed copy of W (self.packed, memory: one more copy of the linear
-    weights) serves base-only and single-adapter steps. After allocate_lora, one buffer weight_ext [out_total + num_slots * num_slices * r_max, in] holds W
-    followed by every slot's A rows, so on CPU the shrink can share the base matmul (kernels.lora_linear):
-      weight = weight_ext[:out_total]                               # [out_total, in]
-      lora_a = weight_ext[out_total:] as [num_slots, num_slices, r_max, in]
-      lora_b = [num_slots, out_total, r_max] view of a slot-minor [out_total, num_slots, r_max] buffer (scaled)
-    On CPU the slots are also kept as row tables (lora_at, lora_bt: kernels/reference.py) for the per-token
-    rows strategy of decode steps; memory: one more copy of the slot buffers.
+    weights) serves the base matmul. forward is kernels.lora_linear: base matmul + every token's delta.
     """
 
     def __init__(
-        self, in_features: int, slice_sizes: list[int], bias: bool, kernels: KernelOptions | None = None, **factory
+        self,
+        in_features: int,
+        slice_sizes: list[int],
+        bias: bool,
+        kernels: KernelOptions | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.kernels = kernels or KernelOptions()
         out = sum(slice_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features, **factory), requires_grad=False)  # [out, in]
-        self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.slice_offsets = [0]
         for s in slice_sizes:
             self.slice_offsets.append(self.slice_offsets[-1] + s)
-        self.weight_ext: torch.Tensor | None = None
-        self.bias_ext: torch.Tensor | None = None
+        self.slots: LoraSlots | None = None
         self.packed: torch.Tensor | None = None  # oneDNN-packed W (16-bit CPU), see kernels/cpu_linear.py
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
-        self.lora_at: torch.Tensor | None = None  # CPU: [num_slots * in, num_slices * r_max]
-        self.lora_bt: list[torch.Tensor] | None = None  # CPU: per slice [num_slots * r_max, width]
 
     def allocate_lora(self, num_slots: int, r_max: int, *, copy_weight: bool = True) -> None:
-        """Allocate the slot buffers and move W (and bias) into the front of weight_ext. With
-        copy_weight=False the current W is not copied (the loader fills the view afterwards and calls
-        pack(): no second copy of the weights at load time)."""
+        """Allocate the slot buffers; W (and the bias) move into them. With copy_weight=False the current
+        W is not copied (the loader fills the views afterwards and calls pack(): no second copy of the
+        weights at load time)."""
         w = self.weight
-        out, in_f = w.shape
-        num_slices = len(self.slice_offsets) - 1
-        # B slot-minor: any contiguous range of slots of one output slice is a plain 2-D matrix (CPU dense path).
-        b = lazy_zeros((out, num_slots, r_max), w.dtype, w.device)
-        self.lora_b = b.transpose(0, 1)
-        ext = lazy_zeros((out + num_slots * num_slices * r_max, in_f), w.dtype, w.device)
-        if copy_weight:
-            ext[:out] = w
-        self.weight_ext = ext
-        self.weight = nn.Parameter(ext[:out], requires_grad=False)  # shares the buffer: no second copy of W
-        if self.bias is not None:
-            bias_ext = torch.zeros(ext.shape[0], dtype=w.dtype, device=w.device)
-            if copy_weight:
-                bias_ext[:out] = self.bias
-            self.bias_ext = bias_ext
-            self.bias = nn.Parameter(bias_ext[:out], requires_grad=False)
-        self.lora_a = ext[out:].view(num_slots, num_slices, r_max, in_f)
-        if w.device.type == "cpu" and self.kernels.cpu_lora_rows:
-            self.lora_at = lazy_zeros((num_slots * in_f, num_slices * r_max), w.dtype, w.device)
-            self.lora_bt = [
-                lazy_zeros((num_slots * r_max, c1 - c0), w.dtype, w.device)
-                for c0, c1 in zip(self.slice_offsets, self.slice_offsets[1:], strict=False)
-            ]
+        rows = w.device.type == "cpu" and self.kernels.cpu_lora_rows
+        slots = LoraSlots(
+            w, self.bias, self.slice_offsets, num_slots, r_max,
+            with_row_tables=rows, copy_weight=copy_weight, zeros=lazy_zeros,
+        )  # fmt: skip
+        self.slots = slots
+        self.weight = nn.Parameter(slots.weight, requires_grad=False)  # shares the buffer: no second copy of W
+        if slots.bias is not None:
+            self.bias = nn.Parameter(slots.bias, requires_grad=False)
         if copy_weight:
             self.pack()
 
@@ -198,49 +180,62 @@ class LoraLinear(nn.Module):
         self.packed = pack_weight(self.weight) if self.kernels.cpu_packed_linear else None
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
-        if self.packed is not None and (meta is None or meta.num_active == 1):
-            # Base-only or single-adapter steps: the packed base matmul, then the LoRA delta on its own.
-            # With several adapters lora_linear picks: the shrink riding in the (unpacked) base matmul, or
-            # this packed base matmul plus a separate LoRA pass.
-            y = packed_linear(x, self.packed, self.bias)  # [T, out_total]
-            if meta is not None:
-                backend = self.kernels.lora_backend
-                lora_apply(y, x, self.lora_a, self.lora_b, self.slice_offsets, meta, self.lora_at, self.lora_bt, backend)
-            return y
-        if self.weight_ext is None:
-            return F.linear(x, self.weight, self.bias)  # [T, out_total]
-        return lora_linear(
-            x,
-            self.weight_ext,
-            self.bias_ext,
-            self.lora_a,
-            self.lora_b,
-            self.slice_offsets,
-            meta,
-            self.packed,
-            self.lora_at,
-            self.lora_bt,
-            self.kernels.lora_backend,
-        )
+        # x: [T, in] -> [T, out_total]
+        return lora_linear(x, self.weight, self.bias, self.packed, self.slots, meta, self.kernels.lora_backend)
+
+    # Read-only views of the slot buffers (inspection, memory accounting); None before allocate_lora.
+    @property
+    def weight_ext(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.weight_ext
+
+    @property
+    def bias_ext(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.bias_ext
+
+    @property
+    def lora_a(self) -> torch.Tensor | None:  # [num_slots, num_slices, r_max, in]
+        return None if self.slots is None else self.slots.lora_a
+
+    @property
+    def lora_b(self) -> torch.Tensor | None:  # [num_slots, out_total, r_max]
+        return None if self.slots is None else self.slots.lora_b
+
+    @property
+    def lora_at(self) -> torch.Tensor | None:  # CPU row table of A, or None
+        return None if self.slots is None or self.slots.rows is None else self.slots.rows.a
+
+    @property
+    def lora_bt(self) -> list[torch.Tensor] | None:  # CPU row tables of B (one per slice), or None
+        return None if self.slots is None or self.slots.rows is None else self.slots.rows.b
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, spec: ModelSpec, qkv_bias: bool, o_bias: bool, mlp_bias: bool, kernels: KernelOptions, **factory
+        self,
+        spec: ModelSpec,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+        kernels: KernelOptions,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
     ) -> None:
         super().__init__()
         s = spec
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.spec = spec
-        self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
-        self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, **factory)
-        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias, kernels, **factory)
-        self.o = LoraLinear(q, [s.hidden_size], o_bias, kernels, **factory)
-        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size] * 2, mlp_bias, kernels, **factory)
-        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias, kernels, **factory)
+        self.input_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype, device)
+        self.post_attn_norm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype, device)
+        self.qkv = LoraLinear(s.hidden_size, [q, kv, kv], qkv_bias, kernels, dtype, device)
+        self.o = LoraLinear(q, [s.hidden_size], o_bias, kernels, dtype, device)
+        self.gate_up = LoraLinear(s.hidden_size, [s.intermediate_size] * 2, mlp_bias, kernels, dtype, device)
+        self.down = LoraLinear(s.intermediate_size, [s.hidden_size], mlp_bias, kernels, dtype, device)
         if s.qk_norm:
-            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
-            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, **factory)
+            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype, device)
+
+    def linears(self) -> list[LoraLinear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
 
     def forward(
         self,
@@ -295,18 +290,18 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.kernels = kernels = kernels or KernelOptions()
-        factory = {"dtype": dtype, "device": device}
         # _weight skips nn.Embedding's random init (slow, and useless before loading).
-        embed = torch.empty(spec.vocab_size, spec.hidden_size, **factory)
+        embed = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=embed)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"], kernels, **factory)
+            DecoderLayer(spec, biases["qkv"], biases["o"], biases["mlp"], kernels, dtype, device)
             for _ in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **factory)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         if not spec.tie_word_embeddings:
-            self.lm_head_weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, **factory), requires_grad=False)
+            lm_head = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+            self.lm_head_weight = nn.Parameter(lm_head, requires_grad=False)
         self.inv_freq = inv_freq.float()  # [head_dim / 2]; a plain tensor so dtype casts never touch it
         self.attention_scaling = attention_scaling
         self.num_lora_slots = 0
@@ -318,8 +313,11 @@ class CausalLM(nn.Module):
     def lm_head(self) -> torch.Tensor:  # [vocab, hidden]
         return self.embed.weight if self.spec.tie_word_embeddings else self.lm_head_weight
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
     def lora_linears(self) -> list[LoraLinear]:
-        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return [lin for layer in self.decoder_layers() for lin in layer.linears()]
 
     def allocate_lora_slots(self, num_slots: int, r_max: int, *, copy_weights: bool = True) -> None:
         """Give every LoraLinear num_slots slots of rank r_max. copy_weights=False: the base weights are
@@ -333,7 +331,7 @@ class CausalLM(nn.Module):
     def pack(self) -> None:
         """(Re)build the packed copies of the base weights (after they were filled or restored)."""
         for lin in self.lora_linears():
-            if lin.weight_ext is not None:
+            if lin.slots is not None:
                 lin.pack()
         self._pack_lm_head()
 
@@ -374,24 +372,14 @@ _MODULE_OF = {(group, index): module for module, (group, index) in LORA_TARGETS.
 
 
 def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy one adapter into device slot `slot` of every layer, zeroing what it does not fill (ranks below
-    r_max, modules it does not target), so nothing of the slot's previous adapter remains. The CPU row
-    tables are then refreshed from the slot.
+    """Copy one adapter into device slot `slot` of every layer (LoraSlots.write: what it does not fill is
+    zeroed, so nothing of the slot's previous adapter remains).
 
     weights: (layer, module) -> (A [r, in], B [out, r] scaled).
     """
-    r_max = model.lora_r_max
-    for layer_idx, layer in enumerate(model.layers):
-        for group in ("qkv", "o", "gate_up", "down"):
-            lin = getattr(layer, group)
-            for i, (c0, c1) in enumerate(zip(lin.slice_offsets, lin.slice_offsets[1:], strict=False)):
-                a, b = weights.get((layer_idx, _MODULE_OF[(group, i)]), (None, None))
-                r = 0 if a is None or b is None else a.shape[0]
-                if r:
-                    lin.lora_a[slot, i, :r].copy_(a)
-                    lin.lora_b[slot, c0:c1, :r].copy_(b)
-                if r < r_max:
-                    lin.lora_a[slot, i, r:].zero_()
-                    lin.lora_b[slot, c0:c1, r:].zero_()
-            if lin.lora_at is not None and lin.lora_bt is not None:
-                copy_slot_to_row_tables(lin.lora_at, lin.lora_bt, lin.lora_a, lin.lora_b, lin.slice_offsets, slot)
+    for layer_idx, layer in enumerate(model.decoder_layers()):
+        for group, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears(), strict=True):
+            if lin.slots is None:
+                raise RuntimeError("write_lora_slot before allocate_lora_slots")
+            per_slice = [weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)]
+            lin.slots.write(slot, per_slice)

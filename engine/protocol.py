@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import LoraplexError
+from ..errors import InvalidRequestError, LoraplexError
 from ..scheduler.sampling_params import SamplingParams
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token id, logprob, top alternatives)
@@ -49,6 +49,28 @@ class EngineInfo:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.kv_blocks * self.block_size
+
+    def check_request(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """The one rule for whether a request can ever run: a non-empty prompt, and prompt + max_tokens
+        within the context length and within the whole KV cache (a longer sequence could never hold
+        its blocks). Raises InvalidRequestError (code context_length_exceeded for the limits)."""
+        if num_prompt_tokens < 1:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                f"({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) asks for {total}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if total > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({total} tokens) is over the KV cache capacity "
+                f"({self.kv_capacity_tokens} tokens)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
 
 @dataclass
@@ -101,6 +123,11 @@ class EngineClient(Protocol):
     def eos_token_id(self) -> int | None: ...
 
     # ---- requests ----
+    def check_request(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise InvalidRequestError when a request of this size can never run (empty prompt; code
+        context_length_exceeded when prompt + max_tokens is over the context or the KV cache). `submit`
+        applies the same rule; the server calls this up front, before it queues anything."""
+
     async def submit(
         self,
         prompt: str | list[int],

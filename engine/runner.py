@@ -43,12 +43,11 @@ class ModelRunner:
     def __init__(self, model: CausalLM, spec: ModelSpec, num_blocks: int, block_size: int) -> None:
         self.model, self.spec = model, spec
         self.block_size = block_size
-        self.num_blocks = num_blocks
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, dtype = p.device, p.dtype
         shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [
-            (lazy_zeros(shape, self.dtype, self.device), lazy_zeros(shape, self.dtype, self.device))
+            (lazy_zeros(shape, dtype, self.device), lazy_zeros(shape, dtype, self.device))
             for _ in range(spec.num_layers)
         ]
         self.slot_ranks = [0] * model.num_lora_slots

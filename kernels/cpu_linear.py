@@ -7,17 +7,21 @@ machine). Packing once at load time removes it. float32 keeps F.linear (MKL), an
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 
-def _ops():
+def _ops() -> Any:
     mkldnn = getattr(torch.ops, "mkldnn", None)
     if mkldnn is None or not hasattr(mkldnn, "_reorder_linear_weight") or not hasattr(mkldnn, "_linear_pointwise"):
         return None
     return mkldnn
 
 
-_PROBED: dict[tuple, bool] = {}  # (shape, dtype, batch_hint) -> packed_linear equals F.linear on this build
+# (shape, dtype, batch_hint) -> packed_linear equals F.linear on this build
+_PROBED: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
 
 
 def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | None:
@@ -41,3 +45,13 @@ def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | No
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, in] @ W^T + bias with W packed by pack_weight -> [T, out] in x's dtype."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def base_linear(
+    x: torch.Tensor,  # [num_tokens, in]
+    weight: torch.Tensor,  # [out, in]
+    bias: torch.Tensor | None,  # [out]
+    packed: torch.Tensor | None,  # weight packed by pack_weight, or None
+) -> torch.Tensor:
+    """y = x W^T + b -> [num_tokens, out], through the packed copy of W when there is one."""
+    return F.linear(x, weight, bias) if packed is None else packed_linear(x, packed, bias)

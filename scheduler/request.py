@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from .sampling_params import SamplingParams
@@ -30,7 +29,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None = base model
-    arrival_time: float = field(default_factory=time.monotonic)
     arrival: int = -1  # order of Scheduler.add(); larger = newer (preemption picks the largest)
     output_token_ids: list[int] = field(default_factory=list)
     state: RequestState = RequestState.WAITING

@@ -32,7 +32,7 @@ import bisect
 import enum
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -201,8 +201,9 @@ class Scheduler:
             return bool(self._waiting or self._running or self._aborted or self._failed)
 
     def add(self, request: Request) -> None:
-        """Queue a new request. One whose prompt can never fit in the KV pool is failed at once (state
-        FINISHED, finish_reason "error", `error` says why) and reported in the next batch's `failed`."""
+        """Queue a new request. Whether it can ever run is the caller's up-front check (the engine's
+        EngineInfo.check_request); one that still cannot fit the KV pool is failed when its turn comes
+        (finish_reason "error", `error` says why) rather than left waiting forever."""
         with self._lock:
             if request.state is not RequestState.WAITING or request.output_token_ids or request.num_computed:
                 raise ValueError(f"request {request.request_id!r} is not a fresh waiting request")
@@ -213,12 +214,6 @@ class Scheduler:
             request.arrival = self._num_added
             request.waiting_since = self._step
             self._num_added += 1
-            n = len(request.prompt_token_ids)
-            if self.blocks.blocks_needed(n, 0) > self.blocks.num_blocks:
-                request.state, request.finish_reason = RequestState.FINISHED, "error"
-                request.error = f"prompt of {n} tokens can never fit: {self._pool_words()}"
-                self._failed.append(request)
-                return
             self._live[request.request_id] = request
             self._waiting.append(request)
 
@@ -268,7 +263,7 @@ class Scheduler:
             return batch
 
     def postprocess(
-        self, batch: Batch, token_ids: list[int | None], finish_check: FinishCheck | None = None
+        self, batch: Batch, token_ids: Sequence[int | None], finish_check: FinishCheck | None = None
     ) -> list[Request]:
         """Account for a finished step. `token_ids` has one entry per want_logits seq, in order; None
         means no token this time (the last token is fed again next step). Each token is appended, then
@@ -353,9 +348,18 @@ class Scheduler:
                 raise AssertionError("request index out of sync with the queues")
 
     # ---- internals --------------------------------------------------------------------------------
-    def _pool_words(self) -> str:
+    def _fail_if_never_fits(self, r: Request, batch: Batch) -> bool:
+        """The scheduler's one pool guard, at admission and at growth: a sequence needing more blocks
+        than the whole pool could never run, so it is failed (reported in batch.failed) instead of
+        waiting forever. Requests the engine's up-front check accepted never get here."""
         b = self.blocks
-        return f"the KV cache holds {b.num_blocks} blocks of {b.block_size} tokens ({b.num_blocks * b.block_size} tokens)"
+        if b.blocks_needed(r.num_tokens, 0) <= b.num_blocks:
+            return False
+        what = "sequence" if r.output_token_ids else "prompt"
+        pool = f"the KV cache holds {b.num_blocks} blocks of {b.block_size} tokens ({b.num_blocks * b.block_size} tokens)"
+        self._finish(r, "error", f"{what} of {r.num_tokens} tokens can never fit: {pool}")
+        batch.failed.append(r)
+        return True
 
     def _reap(self, batch: Batch) -> None:
         """Free the blocks of requests aborted since the last step (no step is in flight now)."""
@@ -383,11 +387,7 @@ class Scheduler:
     def _grow(self, r: Request, batch: Batch) -> bool:
         """Give decoding `r` the blocks for its next token, preempting the newest running sequences if
         the pool is short. False when `r` itself was preempted or failed (it is not in this step)."""
-        if self.blocks.blocks_needed(r.num_tokens, 0) > self.blocks.num_blocks:
-            self._finish(
-                r, "error", f"sequence of {r.num_tokens} tokens outgrew the KV cache: {self._pool_words()}"
-            )
-            batch.failed.append(r)
+        if self._fail_if_never_fits(r, batch):
             return False
         need = self.blocks.blocks_needed(r.num_tokens, len(r.block_table))
         while not self.blocks.can_allocate(need):
@@ -427,11 +427,9 @@ class Scheduler:
     def _try_admit(self, r: Request, room: _Room, batch: Batch) -> _Verdict:
         if room.budget <= 0 or len(self._running) >= self.max_num_seqs:
             return _Verdict.STOP
-        need = self.blocks.blocks_needed(r.num_tokens, 0)
-        if need > self.blocks.num_blocks:  # prompt + output of a preempted request (the prompt was checked)
-            self._finish(r, "error", f"sequence of {r.num_tokens} tokens can never fit: {self._pool_words()}")
-            batch.failed.append(r)
+        if self._fail_if_never_fits(r, batch):
             return _Verdict.SKIP
+        need = self.blocks.blocks_needed(r.num_tokens, 0)
         slot = -1
         if r.adapter is not None:
             resident = self.residency.slot_of(r.adapter)

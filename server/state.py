@@ -183,26 +183,8 @@ class ServerState:
             raise InvalidRequestError(f"the chat template failed: {exc}", param="messages") from exc
 
     def check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
-        """400 before queueing when the request can never run (the engine checks the context too)."""
-        engine = self.require_engine()
-        if not prompt_ids:
-            raise InvalidRequestError("prompt is empty", param="prompt")
-        total = len(prompt_ids) + max_tokens
-        max_model_len = engine.info.max_model_len
-        if total > max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-                f"({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) asks for {total}.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        capacity = engine.info.kv_capacity_tokens
-        if total > capacity:
-            raise InvalidRequestError(
-                f"prompt + max_tokens ({total} tokens) is over the KV cache capacity ({capacity} tokens)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        """400 before queueing when the request can never run: the engine's own rule, asked up front."""
+        self.require_engine().check_request(len(prompt_ids), max_tokens)
 
     # ---- jobs ---------------------------------------------------------------------------------------
     async def start_job(

@@ -81,6 +81,9 @@ class FakeEngine:
         return EOS
 
     # ---- requests ----
+    def check_request(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        self.info.check_request(num_prompt_tokens, max_tokens)  # the real engine's rule on the fake's limits
+
     async def submit(
         self,
         prompt: str | list[int],
@@ -90,8 +93,7 @@ class FakeEngine:
     ) -> AsyncGenerator[RequestOutput, None]:
         params = params or SamplingParams()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) + params.max_tokens > self.info.max_model_len:
-            raise InvalidRequestError("over the context length", param="max_tokens")
+        self.check_request(len(ids), params.max_tokens)
         if adapter is not None:
             error = self.admission_error(adapter)
             if error is not None:

@@ -24,7 +24,7 @@ from loraplex.adapter_cache.sources import AdapterSources
 from loraplex.engine.loader import load_hf_config, load_model
 from loraplex.engine.model import ModelSpec, write_lora_slot
 from loraplex.errors import AdapterError, AdapterFormatError, AdapterNotFoundError
-from loraplex.kernels.reference import row_tables
+from loraplex.kernels.lora_slots import row_tables
 
 NAMES = [f"ad{i}" for i in range(8)]
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -14,6 +14,7 @@ from loraplex.config import Config
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import Engine
 from loraplex.engine.runner import ModelRunner
+from loraplex.errors import InvalidRequestError
 from loraplex.scheduler.sampling_params import SamplingParams
 
 TARGETS = [["q_proj", "v_proj"], "all-linear", ["o_proj", "down_proj"], ["gate_proj", "up_proj"], ["k_proj", "v_proj"]]
@@ -145,6 +146,34 @@ def test_exception_in_a_step_fails_only_that_step(world, monkeypatch):
     for r, i in zip(later, (2, 3), strict=True):
         assert r.finish_reason == "length" and r.output_token_ids == refs[i]
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_requests_that_can_never_run_are_refused_up_front(world):
+    """One rule (EngineInfo.check_request) for the engine and, through AsyncEngine, for the server:
+    an empty prompt, or prompt + max_tokens over the context length or over the whole KV cache."""
+    engine = _engine(world, adapters=(), max_model_len=64, kv_cache_gib=_kv_gib(world, 3))
+    capacity = engine.info.kv_capacity_tokens
+    assert capacity < 64
+    aengine = AsyncEngine(engine)
+    cases = [
+        ([], 4, "prompt", None, "prompt is empty"),
+        ([1] * 60, 5, "max_tokens", "context_length_exceeded", "maximum context length is 64 tokens"),
+        ([1] * capacity, 1, "max_tokens", "context_length_exceeded", f"KV cache capacity ({capacity} tokens)"),
+    ]
+
+    def refusal(call, *args) -> InvalidRequestError:
+        with pytest.raises(InvalidRequestError) as refused:
+            call(*args)
+        return refused.value
+
+    for prompt, max_tokens, param, code, words in cases:
+        for error in (
+            refusal(engine.add_request, prompt, None, SamplingParams(max_tokens=max_tokens)),
+            refusal(aengine.check_request, len(prompt), max_tokens),
+        ):
+            assert (error.param, error.code) == (param, code) and words in error.message, error
+    assert not engine.has_work()
+    aengine.check_request(capacity - 1, 1)  # exactly the whole cache fits
 
 
 def test_seed_gives_same_sample_alone_and_in_busy_batch(world):

@@ -47,21 +47,21 @@ def test_offload_frees_the_device_copies_and_wakes_with_the_same_tokens(world, m
     held = [weakref.ref(t) for t in (engine.model.layers[0].qkv.weight_ext, engine.model.embed.weight,
                                      engine.model.layers[-1].down.lora_b, engine.runner.kv_caches[0][0])]  # fmt: skip
     model_ref = weakref.ref(engine.model)
-    assert engine.device_bytes() > 0
+    assert engine.device_model.device_bytes() > 0
 
     assert engine.offload(mode)
     gc.collect()
     assert model_ref() is None and all(r() is None for r in held), "device tensors still referenced"
-    assert engine.device_bytes() == 0 and engine.offloaded == mode
+    assert engine.device_model.device_bytes() == 0 and engine.device_model.offloaded == mode
     stats = engine.adapter_cache.stats()
     assert stats["device"]["resident"] == 0
     assert stats["host"]["resident"] == (2 if mode == "host" else 0)  # host mode keeps the host tier
     assert not engine.offload(mode)  # already offloaded
-    assert engine.step() == [] and engine.offloaded == mode  # an idle step does not wake it
+    assert engine.step() == [] and engine.device_model.offloaded == mode  # an idle step does not wake it
 
     assert _tokens(engine) == before
-    assert engine.offloaded is None and engine.device_bytes() > 0
-    assert engine.offload_stats["wakeups"] == 1 and engine.offload_stats["wakeup_seconds_sum"] > 0
+    assert engine.device_model.offloaded is None and engine.device_model.device_bytes() > 0
+    assert engine.device_model.stats.num_wakeups == 1 and engine.device_model.stats.wakeup_seconds_sum > 0
     loads = engine.adapter_cache.stats()["loads"]
     assert loads == (2 if mode == "host" else 4)  # drop mode read a0 and a1 from disk again
 
@@ -70,7 +70,7 @@ def test_offload_is_refused_while_requests_are_admitted(world):
     base, adapters = world
     engine = Engine(Config(model=str(base), adapter_dir=str(adapters), dtype="float32", max_lora_rank=16))
     engine.add_request(PROMPTS[0], "a0", SamplingParams(max_tokens=3))
-    assert not engine.offload("host") and engine.device_bytes() > 0
+    assert not engine.offload("host") and engine.device_model.device_bytes() > 0
     while engine.has_work():
         engine.step()
     assert engine.offload("host")

@@ -1,4 +1,5 @@
-"""Triton lora_shrink / lora_expand against a float64 per-token loop, plus batch invariance and dispatch.
+"""Triton lora_shrink / lora_expand against the float64 per-token loop (kernels/reference.py), plus batch
+invariance and dispatch.
 
 Without CUDA these run under the Triton interpreter on CPU tensors (conftest.py switches it on), which
 is slow: sizes stay small except a few targeted cases (hidden 2049, 300 tokens, 32 adapters, rank 64).
@@ -13,9 +14,10 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from loraplex.kernels import build_lora_meta, lora_apply, lora_apply_ref
+from loraplex.kernels import build_lora_meta, lora_apply, lora_delta_cpu
 from loraplex.kernels.lora_expand import lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
+from loraplex.kernels.reference import lora_delta_loop
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -79,22 +81,6 @@ def make_case(
     )
 
 
-def reference_h_delta(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain per-token loop in float64: h [T, num_slices, r_max] and delta [T, out_total] (zero rows for slot -1)."""
-    x, a, b = case.x.double().cpu(), case.lora_a.double().cpu(), case.lora_b.double().cpu()
-    num_slices, r_max = a.shape[1], a.shape[2]
-    h = torch.zeros(x.shape[0], num_slices, r_max, dtype=torch.float64)
-    delta = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
-    for t, s in enumerate(case.token_slot):
-        if s < 0:
-            continue
-        for i in range(num_slices):
-            lo, hi = case.slice_offsets[i], case.slice_offsets[i + 1]
-            h[t, i] = a[s, i] @ x[t]
-            delta[t, lo:hi] = b[s, lo:hi] @ h[t, i]
-    return h, delta
-
-
 def run_triton(case: Case, y: torch.Tensor, meta) -> torch.Tensor:
     """Shrink into a NaN-poisoned h, then expand into y (in place). Returns h."""
     num_slices, r_max = case.lora_a.shape[1], case.lora_a.shape[2]
@@ -112,7 +98,7 @@ def check_against_reference(case: Case, dtype: torch.dtype) -> None:
     y_in = torch.randn(len(case.token_slot), out_total, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = y_in.to(DEVICE, copy=True)  # poisoned output: random values the kernel must add to, not overwrite
     h = run_triton(case, y, meta)
-    h_ref, delta_ref = reference_h_delta(case)
+    h_ref, delta_ref = lora_delta_loop(case.x, case.lora_a, case.lora_b, case.slice_offsets, case.token_slot)
 
     lora_rows = torch.tensor([t for t, s in enumerate(case.token_slot) if s >= 0], dtype=torch.long)
     base_rows = torch.tensor([t for t, s in enumerate(case.token_slot) if s < 0], dtype=torch.long)
@@ -262,7 +248,7 @@ def test_lora_apply_dispatch():
     args = (case.x, case.lora_a, case.lora_b, case.slice_offsets, meta)
 
     y_ref = y0.clone()
-    lora_apply_ref(y_ref, *args)
+    lora_delta_cpu(y_ref, *args)
     for backend in ("auto", "triton", "torch"):
         y = y0.clone()
         lora_apply(y, *args, backend=backend)
@@ -300,7 +286,7 @@ def test_gpu_realistic_shapes(dtype):
 
 def test_model_with_triton_path_gives_same_greedy_tokens(tmp_path, monkeypatch):
     """The whole model with LoRA through the Triton kernels (interpreter on CPU) decodes exactly like the
-    torch reference path: several adapters and base-only requests in one batch."""
+    torch CPU path: several adapters and base-only requests in one batch."""
     from tiny_models import save_peft_adapter, save_tiny_model
 
     from loraplex.config import Config

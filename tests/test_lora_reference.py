@@ -1,27 +1,30 @@
-"""The CPU LoRA path (every one of its strategies) against a per-token loop in float64."""
+"""The CPU LoRA path (every plan and strategy, the slot buffers' write path) against the per-token loop
+of kernels/reference.py, in float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.kernels import build_lora_meta
-from loraplex.kernels.reference import (
-    _apply_dense,
-    _apply_dense_compact,
-    _apply_grouped,
-    _apply_rows,
-    _ref_costs,
-    lora_apply_ref,
-    row_tables,
-)
+from loraplex.kernels import LoraSlots, build_lora_meta, lora_delta_cpu
+from loraplex.kernels.cpu_lora import lora_linear_cpu
+from loraplex.kernels.cpu_plan import LinearShape, choose_plan, delta_costs
+from loraplex.kernels.lora_slots import row_tables
+from loraplex.kernels.reference import lora_delta_loop
+
+
+def _offsets(slices: list[int]) -> list[int]:
+    offsets = [0]
+    for w in slices:
+        offsets.append(offsets[-1] + w)
+    return offsets
 
 
 def _case(num_tokens: int, num_slots: int, slices: list[int], r_max: int, in_f: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ranks = [int(torch.randint(1, r_max + 1, (1,), generator=g)) for _ in range(num_slots)]
     a = torch.zeros(num_slots, len(slices), r_max, in_f, dtype=torch.float64)
-    b_phys = torch.zeros(sum(slices), num_slots, r_max, dtype=torch.float64)  # the model's layout
+    b_phys = torch.zeros(sum(slices), num_slots, r_max, dtype=torch.float64)  # the model's (slot-minor) layout
     for s, r in enumerate(ranks):  # zero-padded ranks, as the slot writer leaves them
         a[s, :, :r] = torch.randn(len(slices), r, in_f, generator=g, dtype=torch.float64)
         b_phys[:, s, :r] = torch.randn(sum(slices), r, generator=g, dtype=torch.float64)
@@ -31,17 +34,11 @@ def _case(num_tokens: int, num_slots: int, slices: list[int], r_max: int, in_f: 
     return x, y, a, b_phys.transpose(0, 1), token_slot, ranks
 
 
-def _loop(x, y, a, b, offsets, token_slot):
-    out = y.clone()
-    for t, s in enumerate(token_slot):
-        if s < 0:
-            continue
-        for i in range(len(offsets) - 1):
-            out[t, offsets[i] : offsets[i + 1]] += (x[t] @ a[s, i].T) @ b[s, offsets[i] : offsets[i + 1]].T
-    return out
+def _expected(x, y, a, b, offsets, token_slot) -> torch.Tensor:
+    return y + lora_delta_loop(x, a, b, offsets, token_slot).delta
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "rows", "auto"])
+@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "rows", None])
 @pytest.mark.parametrize(
     "num_tokens, num_slots, slices, r_max, in_f, seed",
     [
@@ -52,28 +49,15 @@ def _loop(x, y, a, b, offsets, token_slot):
         (5, 5, [12, 4, 4], 1, 9, 4),
     ],
 )
-def test_cpu_path_matches_loop(strategy, num_tokens, num_slots, slices, r_max, in_f, seed):
+def test_delta_strategies_match_loop(strategy, num_tokens, num_slots, slices, r_max, in_f, seed):
     x, y, a, b, token_slot, ranks = _case(num_tokens, num_slots, slices, r_max, in_f, seed)
-    offsets = [0]
-    for w in slices:
-        offsets.append(offsets[-1] + w)
+    offsets = _offsets(slices)
     meta = build_lora_meta(token_slot, ranks)
     if meta is None:
         pytest.skip("no LoRA token drawn")
-    expected = _loop(x, y, a, b, offsets, token_slot)
     out = y.clone()
-    if strategy == "grouped":
-        _apply_grouped(out, x, a, b, offsets, meta)
-    elif strategy == "compact":
-        _apply_dense_compact(out, x, a, b.transpose(0, 1), offsets, meta)
-    elif strategy == "dense":
-        lo = meta.slot_ids_list[0]
-        _apply_dense(out, x, a, b.transpose(0, 1), offsets, meta, lo, meta.slot_ids_list[-1] - lo + 1)
-    elif strategy == "rows":
-        _apply_rows(out, x, *row_tables(a, b, offsets), offsets, meta, a.shape[2])
-    else:
-        lora_apply_ref(out, x, a, b, offsets, meta, *row_tables(a, b, offsets))
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    lora_delta_cpu(out, x, a, b, offsets, meta, row_tables(a, b, offsets), strategy=strategy)
+    torch.testing.assert_close(out, _expected(x, y, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     untouched = [t for t, s in enumerate(token_slot) if s < 0]
     assert torch.equal(out[untouched], y[untouched])  # base-only tokens get exactly nothing added
 
@@ -87,18 +71,19 @@ def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
     b[:, :, 2:] = 0
     token_slot = [11, 0, 5, -1, 5, 7]
     meta = build_lora_meta(token_slot, [2] * 12)
-    at, bt = row_tables(a, b, [0, 16, 24])
-    for table in bt:
+    rows = row_tables(a, b, [0, 16, 24])
+    for table in rows.b:
         table.view(12, 8, -1)[:, 2:] = 1e6  # padding rows: must never be read
     out = y.clone()
-    _apply_rows(out, x, at, bt, [0, 16, 24], meta, 8)
-    torch.testing.assert_close(out, _loop(x, y, a, b, [0, 16, 24], token_slot), rtol=1e-10, atol=1e-10)
+    lora_delta_cpu(out, x, a, b, [0, 16, 24], meta, rows, strategy="rows")
+    torch.testing.assert_close(out, _expected(x, y, a, b, [0, 16, 24], token_slot), rtol=1e-10, atol=1e-10)
 
+    qkv = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=2)  # SmolLM2-135M, bf16
     decode = build_lora_meta(list(range(0, 32, 2)), [16] * 32)  # 16 tokens, 16 distinct of 32 slots
-    costs = _ref_costs(960, 3, 16, 576, 2, True, decode, has_rows=True)
+    costs = delta_costs(qkv, decode, has_rows=True, slot_minor_b=True)
     assert min(costs, key=costs.__getitem__) == "rows", costs
     prefill = build_lora_meta([3] * 300 + [9] * 200, [16] * 32)  # long prompts of two adapters
-    costs = _ref_costs(960, 3, 16, 576, 2, True, prefill, has_rows=True)
+    costs = delta_costs(qkv, prefill, has_rows=True, slot_minor_b=True)
     assert min(costs, key=costs.__getitem__) == "grouped", costs
 
 
@@ -107,34 +92,61 @@ def test_single_slot_full_batch_skips_gather():
     meta = build_lora_meta([1] * 9, ranks)
     assert meta.is_single_full
     out = y.clone()
-    lora_apply_ref(out, x, a, b, [0, 8, 16], meta)
-    torch.testing.assert_close(out, _loop(x, y, a, b, [0, 8, 16], [1] * 9))
+    lora_delta_cpu(out, x, a, b, [0, 8, 16], meta)
+    torch.testing.assert_close(out, _expected(x, y, a, b, [0, 8, 16], [1] * 9))
 
 
-@pytest.mark.parametrize("plan", ["separate", "fused-single", "fused-dense", "fused-grouped"])
+def _slots_case(bias: bool, rows: bool, seed: int = 9):
+    """LoraSlots of 5 slots over a q|k|v-like linear, filled through its write path, plus the same
+    weights as plain tensors for the loop."""
+    slices, r_max, in_f, num_slots = [20, 8, 8], 4, 16, 5
+    offsets = _offsets(slices)
+    x, _, a, b, token_slot, ranks = _case(11, num_slots, slices, r_max, in_f, seed)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(sum(slices), in_f, generator=g, dtype=torch.float64)
+    bvec = torch.randn(sum(slices), generator=g, dtype=torch.float64) if bias else None
+    slots = LoraSlots(w, bvec, offsets, num_slots, r_max, with_row_tables=rows)
+    for s, r in enumerate(ranks):
+        slots.write(s, [(a[s, i, :r], b[s, offsets[i] : offsets[i + 1], :r]) for i in range(len(slices))])
+    base = x @ w.T + (bvec if bias else 0)
+    return x, slots, base, a, b, offsets, token_slot, ranks
+
+
+@pytest.mark.parametrize("plan", ["fused-single", "grouped", "dense", "compact", "rows", None])
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear_cpu_plans_match_loop(plan, bias):
-    """Base matmul + LoRA with the A rows stacked under W: every plan computes the same y."""
-    from loraplex.kernels.reference import lora_linear_cpu
-
-    slices, r_max, in_f, num_slots = [20, 8, 8], 4, 16, 5
-    single = plan == "fused-single"
-    x, y0, a, b, token_slot, ranks = _case(11, num_slots, slices, r_max, in_f, seed=9)
-    if single:
-        token_slot = [3] * 11
-    out_total = sum(slices)
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(out_total, in_f, generator=g, dtype=torch.float64)
-    weight_ext = torch.cat([w, a.reshape(-1, in_f)])
-    lora_a = weight_ext[out_total:].view_as(a)
-    bias_ext = torch.cat([torch.randn(out_total, generator=g, dtype=torch.float64), torch.zeros(a.numel() // in_f, dtype=torch.float64)]) if bias else None
-    offsets = [0, 20, 28, 36]
+    """Base matmul + LoRA over slots written by LoraSlots.write: every plan computes the same y."""
+    x, slots, base, a, b, offsets, token_slot, ranks = _slots_case(bias, rows=True)
+    if plan == "fused-single":
+        token_slot = [3] * len(token_slot)
     meta = build_lora_meta(token_slot, ranks)
-    key = ("plan", out_total, 3, r_max, in_f)
-    meta.cache[key] = plan  # force the strategy under test
-    y = lora_linear_cpu(x, weight_ext, bias_ext, lora_a, b, offsets, meta)
-    base = x @ w.T + (bias_ext[:out_total] if bias else 0)
-    torch.testing.assert_close(y, _loop(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+    y = lora_linear_cpu(x, slots.weight, slots.bias, None, slots, meta, plan=plan)
+    torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+
+
+def test_slot_write_zeroes_leftovers_and_keeps_row_tables_in_step():
+    """Writing a smaller adapter over a slot leaves nothing of the old one (padding, untargeted slices),
+    and the row tables equal the ones built from the slot buffers."""
+    x, slots, _, a, b, offsets, _, ranks = _slots_case(bias=False, rows=True)
+    new_a = torch.ones(1, a.shape[3], dtype=torch.float64)
+    slots.write(2, [None, (new_a, torch.ones(8, 1, dtype=torch.float64)), None])
+    assert torch.equal(slots.lora_a[2, 1, :1], new_a) and not slots.lora_a[2, 1, 1:].any()
+    assert not slots.lora_a[2, [0, 2]].any() and not slots.lora_b[2, :20].any() and not slots.lora_b[2, 28:].any()
+    assert torch.equal(slots.lora_a[1], a[1]) and torch.equal(slots.lora_b[1], b[1])  # other slots untouched
+    expected = row_tables(slots.lora_a, slots.lora_b, offsets)
+    assert slots.rows is not None and torch.equal(slots.rows.a, expected.a)
+    assert all(torch.equal(got, want) for got, want in zip(slots.rows.b, expected.b, strict=True))
+
+
+def test_plan_fuses_only_unpacked_single_adapter_steps():
+    """fused-single is considered only when one slot covers the whole step and W is not packed."""
+    shape = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=4)
+    single = build_lora_meta([0] * 8, [16] * 4)
+    assert choose_plan(8, shape, single, has_rows=True, can_fuse=True) == "fused-single"
+    single = build_lora_meta([0] * 8, [16] * 4)
+    assert choose_plan(8, shape, single, has_rows=True, can_fuse=False) != "fused-single"
+    mixed = build_lora_meta([0, 1] * 4, [16] * 4)
+    assert choose_plan(8, shape, mixed, has_rows=True, can_fuse=True) != "fused-single"
 
 
 def test_packed_cpu_linear_equals_plain_linear():

@@ -1,0 +1,153 @@
+"""The engine's device side: the base model with its LoRA slots and the paged KV cache on the device,
+and the idle offload that releases them (`offload`) and brings them back (`wake_up`), either from host
+copies of the base weights ("host") or from the checkpoint ("drop").
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter_cache.cache import AdapterCache
+from ..config import IDLE_OFFLOAD_MODES, Config
+from .loader import export_weights, load_model
+from .model import CausalLM, KernelOptions, ModelSpec
+from .runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+HostWeights = list[tuple[str, torch.Tensor]]  # (checkpoint name, host tensor), as load_model takes them
+
+
+@dataclass
+class OffloadStats:
+    num_offloads: int = 0
+    num_wakeups: int = 0
+    wakeup_seconds_sum: float = 0.0
+
+
+class DeviceModel:
+    """Owns what the engine holds on its device. `model` and `runner` are None while offloaded."""
+
+    def __init__(
+        self,
+        config: Config,
+        model_dir: Path,
+        hf_config: Any,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        device: torch.device,
+        adapter_cache: AdapterCache,
+    ) -> None:
+        self._config, self._model_dir, self._hf_config = config, model_dir, hf_config
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self._adapter_cache = adapter_cache
+        block_bytes = ModelRunner.kv_bytes_per_block(spec, config.block_size, dtype)
+        # fixed for the engine's life: the scheduler's block pool keeps its size across offloads
+        self.num_blocks = max(2, int(config.kv_cache_gib * 2**30) // block_bytes)
+        self.model: CausalLM | None = None
+        self.runner: ModelRunner | None = None
+        self.offloaded: str | None = None  # None while on the device, else the offload mode
+        self.stats = OffloadStats()
+        self._host_weights: HostWeights | None = None  # "host" mode only, while offloaded
+        self._build(None)
+
+    def _build(self, weights: HostWeights | None) -> None:
+        """Base model with its LoRA slots and the KV cache on the device, from the checkpoint or from
+        host copies of its weights."""
+        cfg = self._config
+        model, _ = load_model(
+            self._model_dir,
+            self.dtype,
+            self.device,
+            lora_slots=(cfg.max_active_adapters, cfg.max_lora_rank),
+            weights=weights,
+            hf_config=self._hf_config,
+            kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
+        )
+        self.model = model
+        self.runner = ModelRunner(model, self.spec, self.num_blocks, cfg.block_size)
+
+    def live_runner(self) -> ModelRunner:
+        """The runner; raises while offloaded (the engine wakes the model before it steps)."""
+        if self.runner is None:
+            raise RuntimeError("the model is offloaded")
+        return self.runner
+
+    def offload(self, mode: str, *, is_idle: bool) -> bool:
+        """Release the device copies of the base model, the adapter slots and the KV cache. mode "host":
+        keep host (CPU) copies of the base weights and the adapters' host tier, so wake_up() only copies
+        back; "drop": keep nothing (weights reload from disk, adapters on demand). Returns False, doing
+        nothing, unless `is_idle` (no request admitted or waiting) and the model is on the device. Call
+        it from the thread that steps."""
+        if mode not in IDLE_OFFLOAD_MODES:
+            raise ValueError(f"offload mode must be 'host' or 'drop', not {mode!r}")
+        if self.offloaded is not None or not is_idle or self.model is None:
+            return False
+        if mode == "host":
+            self._host_weights = export_weights(self.model, self.spec)
+        self._adapter_cache.release_device(drop_host=mode == "drop")
+        self.model = self.runner = None
+        gc.collect()  # the modules hold reference cycles: free the device memory now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.offloaded = mode
+        self.stats.num_offloads += 1
+        log.info("idle: offloaded the model (%s)", mode)
+        return True
+
+    def wake_up(self) -> None:
+        """Bring the offloaded model back (the engine's step calls it when work arrives)."""
+        if self.offloaded is None:
+            return
+        t0 = time.perf_counter()
+        self._build(self._host_weights)
+        self._host_weights = None
+        mode, self.offloaded = self.offloaded, None
+        self._adapter_cache.restore_held()
+        seconds = time.perf_counter() - t0
+        self.stats.num_wakeups += 1
+        self.stats.wakeup_seconds_sum += seconds
+        log.info("woke the model up from %s offload in %.2f s", mode, seconds)
+
+    def device_bytes(self) -> int:
+        """Bytes of base weights, packed copies, adapter slots and KV cache held on the device (CPU
+        memory on a CPU engine); 0 while offloaded. Safe from other threads."""
+        model, runner = self.model, self.runner  # read once: the step thread may offload meanwhile
+        if model is None or runner is None:
+            return 0
+        tensors: list[torch.Tensor | None] = [*model.parameters(), model.lm_head_packed]
+        for lin in model.lora_linears():
+            tensors += [
+                lin.weight_ext,
+                lin.bias_ext,
+                lin.lora_b,
+                lin.packed,
+                lin.lora_at,
+                *(lin.lora_bt or []),
+            ]
+        tensors += [t for kv in runner.kv_caches for t in kv]
+        return _storage_bytes(t for t in tensors if t is not None)
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # opaque (oneDNN packed) tensors
+            total += t.numel() * t.element_size()
+            continue
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
