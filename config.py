@@ -78,6 +78,10 @@ class Config:
     prefill_chunk_size: int | None = _opt(
         None, "largest prompt chunk per step (default: whatever the step's token budget leaves)"
     )
+    prefix_caching: bool = _opt(
+        True,
+        "reuse the KV blocks of repeated prompt prefixes (per adapter and adapter version; --no-prefix-caching: off)",
+    )
     max_wait_steps: int = _opt(
         64,
         "fairness: a request passed over this many steps is admitted before newer ones (0: first come, first served)",

@@ -83,6 +83,7 @@ class AdapterCache:
         self._notify: list[tuple[str, str]] = []  # fast failures to report from install_ready
         self._clears: list[int] = []  # slots freed by unload, zeroed from install_ready
         self.counters = CacheCounters()
+        self._digests: dict[str, str] = {}  # name -> weights digest of the version in its device slot
 
     # ---- Residency protocol (called by the scheduler under its lock: never call back into it) ------
     def slot_of(self, adapter: str) -> int | None:
@@ -107,6 +108,12 @@ class AdapterCache:
     def unpin(self, adapter: str) -> None:
         with self._lock:
             self._device.unpin(adapter)
+
+    def digest_of(self, adapter: str) -> str | None:
+        """Weights digest of the version of `adapter` last written into a device slot (None: never was).
+        The engine's prefix-cache namespace includes it, so a reloaded, changed adapter gets new blocks."""
+        with self._lock:
+            return self._digests.get(adapter)
 
     # ---- engine step thread -------------------------------------------------------------------------
     def install_ready(self, max_installs: int | None = None) -> list[str]:
@@ -166,6 +173,7 @@ class AdapterCache:
                 self._clears.append(slot)
                 return False
             self._device.assign(name, slot, adapter.rank, adapter.num_bytes)
+            self._digests[name] = adapter.digest
             self.counters.install_seconds.add(time.perf_counter() - t0)
             self._changed.notify_all()
         return True

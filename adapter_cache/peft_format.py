@@ -6,6 +6,7 @@ The result holds, per (layer, target module), A [r, in] and B [out, r] with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ class LoraAdapter:
     # (layer, module) -> (A [r, in], B [out, r] already multiplied by the scale)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     base_model_name_or_path: str | None = None
+    # sha256 of adapter_config.json + the safetensors bytes: the prefix cache's namespace tells versions apart
+    digest: str = ""
 
     @property
     def num_bytes(self) -> int:
@@ -136,7 +139,12 @@ def load_peft_adapter(
                 "safe_serialization=True)",
             )
         raise AdapterFormatError(name, f"missing {WEIGHTS_FILE} in {path}")
+    digest = hashlib.sha256()
     try:
+        for part in (path / CONFIG_FILE, weights_path):
+            data = part.read_bytes()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
         with safe_open(weights_path, framework="pt") as sf:
             raw = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
@@ -195,4 +203,5 @@ def load_peft_adapter(
         target_modules=targets,
         weights=weights,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        digest=digest.hexdigest(),
     )

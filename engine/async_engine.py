@@ -142,6 +142,10 @@ class AsyncEngine:
             offloads=device_model.stats.num_offloads,
             wakeups=device_model.stats.num_wakeups,
             wakeup_seconds_sum=device_model.stats.wakeup_seconds_sum,
+            prefix_cache_queries=engine.scheduler.prefix_queries,
+            prefix_cache_hits=engine.scheduler.prefix_hits,
+            prefix_cache_blocks=blocks.num_cached,
+            prefix_cache_evictions=blocks.num_evictions,
         )
 
     # ---- text ----

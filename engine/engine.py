@@ -30,6 +30,7 @@ from ..adapter_cache.sources import AdapterSources
 from ..config import Config
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
+from ..scheduler.prefix_cache import adapter_namespace, base_namespace
 from ..scheduler.request import Request
 from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.scheduler import Batch, Scheduler
@@ -126,6 +127,7 @@ class Engine:
             residency=self.adapter_cache,
             prefill_chunk_size=config.prefill_chunk_size,
             max_wait_steps=config.max_wait_steps,
+            namespace_of=self.cache_namespace if config.prefix_caching else None,
         )
         self.info = EngineInfo(
             model_name=self.model_name,
@@ -150,6 +152,14 @@ class Engine:
     def _fail_adapter_requests(self, adapter: str, message: str) -> None:
         """The adapter cache's on_failure: its load failed, so requests waiting for it never could run."""
         self.scheduler.fail_adapter(adapter, message)
+
+    def cache_namespace(self, adapter: str | None) -> str:
+        """The prefix-cache namespace of K/V computed under `adapter` (None: the base model): its name and
+        the digest of the weights in its device slot, so a reloaded, changed adapter never reuses blocks.
+        The scheduler asks at admission, once the adapter is resident."""
+        if adapter is None:
+            return base_namespace(self.model_name)
+        return adapter_namespace(adapter, self.adapter_cache.digest_of(adapter) or "")
 
     # ---- adapters and parts, as callers name them -----------------------------------------------
     def adapter_of(self, model: str | None) -> str | None:
@@ -193,7 +203,10 @@ class Engine:
     def offload(self, mode: str) -> bool:
         """Idle offload (DeviceModel.offload), refused (False) while any request is admitted or waiting.
         Call it from the thread that steps; the next step with work wakes the model up."""
-        return self.device_model.offload(mode, is_idle=not self.has_work())
+        released = self.device_model.offload(mode, is_idle=not self.has_work())
+        if released:  # the KV cache's contents are gone with it: no cached prefix may point there
+            self.scheduler.clear_prefix_cache()
+        return released
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(
@@ -313,6 +326,7 @@ class Engine:
             new_logprobs=t.new_logprobs if r.params.logprobs is not None else None,
             num_prompt_tokens=len(r.prompt_token_ids),
             num_output_tokens=len(r.output_token_ids),
+            num_cached_tokens=r.num_cached_tokens,
         )
         t.new_token_ids, t.new_logprobs = [], []
         if r.is_finished:

@@ -30,6 +30,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class EngineStatus:
     offloads: int = 0
     wakeups: int = 0
     wakeup_seconds_sum: float = 0.0
+    # prefix cache (tokens looked up / found at admission; keyed blocks now; cached blocks evicted)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_blocks: int = 0
+    prefix_cache_evictions: int = 0
 
 
 class EngineClient(Protocol):

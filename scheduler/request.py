@@ -40,6 +40,12 @@ class Request:
     waiting_since: int = 0  # schedule() call at which it last entered the waiting queue (fairness)
     admitted_step: int | None = None  # schedule() call of its latest admission
     num_preemptions: int = 0
+    # prefix caching (scheduler/prefix_cache.py): the namespace of its latest admission, the keys of its
+    # full blocks under it, how many of its blocks it has published, and the prompt tokens it found cached
+    namespace: str | None = None
+    block_keys: list[bytes] = field(default_factory=list, repr=False)
+    num_published_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -7,6 +7,11 @@ The step contract, driven by the engine's loop thread:
     scheduler.postprocess(batch, token_ids)  # append tokens, finish, free blocks
     # or, when the step raised: scheduler.fail(batch, message)
 
+Prefix caching (with `namespace_of`): admission looks up the request's full blocks by content address
+(scheduler/prefix_cache.py), shares the cached ones (reference counts, block_manager.py) and feeds only
+the rest; postprocess publishes the blocks a completed step filled. Aborted or failed steps publish
+nothing, and the last token is always computed (its logits are needed).
+
 Fairness bound (what `max_wait_steps` buys). A step is one schedule() call. A waiting request is
 *starved* once it has been passed over for `max_wait_steps` steps since it entered the queue
 (`step - waiting_since >= max_wait_steps`; arrival or preemption). Starved requests are tried before
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .block_manager import BlockAllocator
+from .prefix_cache import extend_keys
 from .request import Request, RequestState
 
 FinishCheck = Callable[[Request], str | None]
@@ -151,7 +157,10 @@ class Scheduler:
         residency: Residency,
         prefill_chunk_size: int | None = None,
         max_wait_steps: int = 64,
+        namespace_of: Callable[[str | None], str] | None = None,
     ) -> None:
+        """`namespace_of(adapter)` turns on prefix caching: the namespace of the K/V that `adapter` (None:
+        the base model) computes, asked at admission once the adapter is resident (scheduler/prefix_cache.py)."""
         if min(max_num_seqs, max_num_batched_tokens, max_active_adapters) < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_active_adapters must be >= 1")
         if max_num_batched_tokens < max_num_seqs:
@@ -170,6 +179,9 @@ class Scheduler:
         self.residency = residency
         self.prefill_chunk_size = prefill_chunk_size or max_num_batched_tokens
         self.max_wait_steps = max_wait_steps
+        self.namespace_of = namespace_of
+        self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of those, tokens found cached (not computed again)
         self._waiting: deque[Request] = deque()  # preempted at the front, then arrival order
         self._running: list[Request] = []  # oldest arrival first: preemption takes the last
         self._live: dict[str, Request] = {}  # waiting + running, by id
@@ -292,8 +304,10 @@ class Scheduler:
                 fed = len(s.token_ids)
                 if s.want_logits and token is None:
                     r.num_computed += fed - 1
+                    self._publish(r)
                     continue
                 r.num_computed += fed
+                self._publish(r)  # before the new token lands: a finish check may drop it again
                 if token is None:
                     continue  # a prefill chunk that does not end the known text
                 r.output_token_ids.append(token)
@@ -319,6 +333,13 @@ class Scheduler:
             if batch is self._inflight:
                 self._inflight = None
             return out
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix: the engine released its KV cache (idle offload, so nothing runs)."""
+        with self._lock:
+            if self._running:
+                raise RuntimeError("cannot drop the prefix cache while requests run")
+            self.blocks.clear_cached()
 
     def check(self) -> None:
         """Raise AssertionError when the bookkeeping is inconsistent (tests call it after every step)."""
@@ -429,7 +450,6 @@ class Scheduler:
             return _Verdict.STOP
         if self._fail_if_never_fits(r, batch):
             return _Verdict.SKIP
-        need = self.blocks.blocks_needed(r.num_tokens, 0)
         slot = -1
         if r.adapter is not None:
             resident = self.residency.slot_of(r.adapter)
@@ -440,20 +460,56 @@ class Scheduler:
             if r.adapter not in room.active and len(room.active) >= self.max_active_adapters:
                 return _Verdict.SKIP
             slot = resident
-        if need + room.reserve > self.blocks.num_free:
+        hits = self._cached_prefix(r)
+        need = self.blocks.blocks_needed(r.num_tokens, len(hits))
+        if need + room.reserve + self.blocks.num_idle(hits) > self.blocks.num_free:
             return _Verdict.STOP
-        r.block_table = self.blocks.allocate(need)
+        self.blocks.acquire(hits)
+        r.block_table = hits + self.blocks.allocate(need)
+        r.num_computed = len(hits) * self.blocks.block_size
+        r.num_published_blocks = len(hits)
+        if self.namespace_of is not None:
+            self.prefix_queries += r.num_tokens
+            self.prefix_hits += r.num_computed
+        r.num_cached_tokens = min(r.num_computed, len(r.prompt_token_ids))
         r.state, r.slot, r.admitted_step = RequestState.RUNNING, slot, self._step
         if r.adapter is not None:
             self.residency.pin(r.adapter)
             room.active.add(r.adapter)
         bisect.insort(self._running, r, key=lambda q: q.arrival)
-        n = min(r.num_tokens, room.budget, self.prefill_chunk_size)
+        n = min(r.num_tokens - r.num_computed, room.budget, self.prefill_chunk_size)
         room.budget -= n
-        if n == r.num_tokens and r.num_tokens % self.blocks.block_size == 0:
+        if r.num_computed + n == r.num_tokens and r.num_tokens % self.blocks.block_size == 0:
             room.reserve += 1
         batch.seqs.append(self._seq(r, n))
         return _Verdict.ADMITTED
+
+    def _cached_prefix(self, r: Request) -> list[int]:
+        """The cached blocks `r` can start from (none without prefix caching). At least the last token
+        stays uncached: a request must compute one token to get logits."""
+        if self.namespace_of is None:
+            return []
+        namespace = self.namespace_of(r.adapter)
+        if r.namespace != namespace:  # first admission, or the adapter was reloaded with other weights
+            r.namespace, r.block_keys = namespace, []
+        bs = self.blocks.block_size
+        max_hit = (r.num_tokens - 1) // bs
+        if len(r.block_keys) < max_hit:  # a request kept waiting is looked up every step: hash once
+            extend_keys(r.block_keys, r.token_ids_between(0, max_hit * bs), max_hit, bs, namespace)
+        return self.blocks.lookup(r.block_keys[:max_hit])
+
+    def _publish(self, r: Request) -> None:
+        """Key the blocks of `r` that a completed step has filled, so later requests can reuse them."""
+        if r.namespace is None or self.namespace_of is None:
+            return
+        bs = self.blocks.block_size
+        full = r.num_computed // bs
+        if full <= r.num_published_blocks:
+            return
+        extend_keys(r.block_keys, r.token_ids_between(0, full * bs), full, bs, r.namespace)
+        for i in range(r.num_published_blocks, full):
+            self.blocks.publish(r.block_table[i], r.block_keys[i])
+        r.num_published_blocks = full
 
     def _ask_load(self, adapter: str) -> None:
         """request_load once per adapter; again only after max_wait_steps (in case the load was lost,
@@ -478,6 +534,7 @@ class Scheduler:
     def _preempt(self, r: Request, batch: Batch) -> None:
         self._release(r)
         r.state, r.num_computed, r.slot = RequestState.PREEMPTED, 0, -1
+        r.num_published_blocks = 0
         r.num_preemptions += 1
         r.waiting_since = self._step
         self._waiting.appendleft(r)  # newest preempted first, so older ones end up in front

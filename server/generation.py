@@ -99,6 +99,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
     first_token_at: float | None = None
     started: bool = False  # its pump has begun iterating (so closing it aborts the request)
 
@@ -152,6 +153,7 @@ class Job:
         choice.token_ids.extend(out.new_token_ids)
         choice.logprobs.extend(out.new_logprobs or [])
         choice.num_output_tokens = out.num_output_tokens
+        choice.num_cached_tokens = out.num_cached_tokens
         if out.new_token_ids and choice.first_token_at is None:
             choice.first_token_at = now
             self.metrics.request_running(choice.request_id)
@@ -172,10 +174,16 @@ class Job:
             pass
 
     @property
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = sum(len(c.prompt_ids) for c in self._counted_prompts)
         completion = sum(c.num_output_tokens for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(c.num_cached_tokens for c in self._counted_prompts)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def first_error(self) -> Choice | None:
         return next((c for c in self.choices if c.finish_reason == "error"), None)

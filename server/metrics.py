@@ -150,7 +150,9 @@ class _ScrapeCollector:
         used, total = snap.kv_blocks_used, snap.kv_blocks_total
         yield _gauge("loraplex_kv_cache_blocks_used", "KV cache blocks in use", used)
         yield _gauge("loraplex_kv_cache_blocks_total", "KV cache blocks in the pool", total)
-        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", used / max(1, total))
+        yield _gauge(
+            "loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", used / max(1, total)
+        )
 
         running, waiting = self._metrics.adapters_by_phase()
         info = GaugeMetricFamily(
@@ -164,6 +166,30 @@ class _ScrapeCollector:
         yield info
         yield from _cache_metrics(snap.adapter_cache)
         yield from _offload_metrics(snap)
+        yield from _prefix_cache_metrics(snap)
+
+
+def _prefix_cache_metrics(snap: EngineStatus) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache at admission",
+        value=snap.prefix_cache_queries,
+    )
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_hits",
+        "Prompt tokens found in the prefix cache (not computed again)",
+        value=snap.prefix_cache_hits,
+    )
+    yield _gauge(
+        "loraplex_prefix_cache_blocks",
+        "KV blocks holding a reusable prefix (held or idle)",
+        snap.prefix_cache_blocks,
+    )
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_evictions",
+        "Idle cached KV blocks reused for other tokens",
+        value=snap.prefix_cache_evictions,
+    )
 
 
 def _offload_metrics(snap: EngineStatus) -> Iterator[Metric]:
@@ -178,7 +204,9 @@ def _offload_metrics(snap: EngineStatus) -> Iterator[Metric]:
         snap.device_bytes,
     )
     yield CounterMetricFamily("loraplex_offloads", "Idle offloads of the model", value=snap.offloads)
-    yield CounterMetricFamily("loraplex_wakeups", "Wake-ups of the model after an idle offload", value=snap.wakeups)
+    yield CounterMetricFamily(
+        "loraplex_wakeups", "Wake-ups of the model after an idle offload", value=snap.wakeups
+    )
     yield SummaryMetricFamily(
         "loraplex_wakeup_seconds",
         "Time to bring the offloaded model back (within the first request's latency)",

@@ -93,6 +93,13 @@ async def status(request: Request) -> Response:
         model=state.base_name,
         requests={"running": snap.num_running, "waiting": snap.num_waiting},
         kv_cache={"blocks_used": snap.kv_blocks_used, "blocks_total": snap.kv_blocks_total},
+        prefix_cache={
+            "queried_tokens": snap.prefix_cache_queries,
+            "hit_tokens": snap.prefix_cache_hits,
+            "hit_rate": snap.prefix_cache_hits / snap.prefix_cache_queries if snap.prefix_cache_queries else 0.0,
+            "cached_blocks": snap.prefix_cache_blocks,
+            "evictions": snap.prefix_cache_evictions,
+        },
         adapters={
             "resident": [r.name for r in rows if r.tier == "device" and policy.may_use(r.name)],
             "device_slots": device["slots"],

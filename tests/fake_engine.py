@@ -46,7 +46,9 @@ class FakeEngine:
             max_lora_rank=16,
             max_num_seqs=8,
         )
-        self.adapters = dict(adapters or {"a0": "/adapters/a0", "a1": "/adapters/a1", "broken": "/adapters/broken"})
+        self.adapters = dict(
+            adapters or {"a0": "/adapters/a0", "a1": "/adapters/a1", "broken": "/adapters/broken"}
+        )
         self.broken = set(broken)
         self.fail_generation = set(fail_generation)  # adapters whose requests end with an error
         self.loaded: set[str] = set()
@@ -56,6 +58,8 @@ class FakeEngine:
         self.submitted: list[tuple[list[int], str | None, SamplingParams]] = []
         self.aborted: list[str] = []
         self.waiting = 0  # what num_waiting reports (set by tests)
+        self.seen_prompts: list[tuple[str | None, list[int]]] = []  # the fake prefix cache
+        self.prefix_queries = self.prefix_hits = 0
         self._ids = itertools.count()
 
     # ---- lifecycle ----
@@ -99,10 +103,25 @@ class FakeEngine:
             if error is not None:
                 raise error
         self.submitted.append((ids, adapter, params))
-        return self._run(request_id or f"fake-{next(self._ids)}", ids, adapter, params)
+        cached = self._cached_prefix(adapter, ids)
+        return self._run(request_id or f"fake-{next(self._ids)}", ids, adapter, params, cached)
+
+    def _cached_prefix(self, adapter: str | None, ids: list[int]) -> int:
+        """The real engine's rule on a simple model: whole blocks of the longest prefix shared with an
+        earlier prompt of the same adapter, leaving at least the last prompt token to compute."""
+        bs, best = self.info.block_size, 0
+        for seen_adapter, seen in self.seen_prompts:
+            if seen_adapter == adapter:
+                n = next((i for i, (x, y) in enumerate(zip(seen, ids, strict=False)) if x != y), min(len(seen), len(ids)))
+                best = max(best, n)
+        self.seen_prompts.append((adapter, list(ids)))
+        cached = min(best // bs, (len(ids) - 1) // bs) * bs
+        self.prefix_queries += len(ids)
+        self.prefix_hits += cached
+        return cached
 
     async def _run(
-        self, request_id: str, ids: list[int], adapter: str | None, params: SamplingParams
+        self, request_id: str, ids: list[int], adapter: str | None, params: SamplingParams, cached: int = 0
     ) -> AsyncGenerator[RequestOutput, None]:
         if adapter in self.fail_generation:
             yield RequestOutput(request_id, [], "", True, "error", "the fake model failed", None, len(ids), 0)
@@ -116,20 +135,22 @@ class FakeEngine:
                 last = i == len(text) - 1
                 if ch in params.stop:  # the fake matches one-character stop strings only
                     done = True
-                    yield self._out(request_id, token, "", True, "stop", ids, i + 1, params)
+                    yield self._out(request_id, token, "", True, "stop", ids, i + 1, params, cached)
                     return
                 done = last
-                yield self._out(request_id, token, ch, last, "length" if last else None, ids, i + 1, params)
+                yield self._out(
+                    request_id, token, ch, last, "length" if last else None, ids, i + 1, params, cached
+                )
         finally:
             if not done:
                 self.aborted.append(request_id)
 
-    def _out(self, rid, token, text, finished, reason, ids, n, params) -> RequestOutput:
+    def _out(self, rid, token, text, finished, reason, ids, n, params, cached=0) -> RequestOutput:
         logprobs = None
         if params.logprobs is not None:
             top = [(token, -0.5), (token + 1, -1.5), (token + 2, -2.5)][: params.logprobs]
             logprobs = [(token, -0.5, top)]
-        return RequestOutput(rid, [token], text, finished, reason, None, logprobs, len(ids), n)
+        return RequestOutput(rid, [token], text, finished, reason, None, logprobs, len(ids), n, cached)
 
     def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
@@ -150,7 +171,22 @@ class FakeEngine:
             "load_seconds": {"count": 2, "sum": 0.5},
             "install_seconds": {"count": 2, "sum": 0.1},
         }
-        return EngineStatus(1, self.waiting, 5, 64, stats, False, 4096, 0, 0, 0.0)
+        return EngineStatus(
+            1,
+            self.waiting,
+            5,
+            64,
+            stats,
+            False,
+            4096,
+            0,
+            0,
+            0.0,
+            prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits,
+            prefix_cache_blocks=self.prefix_hits // self.info.block_size,
+            prefix_cache_evictions=0,
+        )
 
     # ---- adapters ----
     def admission_error(self, adapter: str) -> LoraplexError | None:

@@ -35,6 +35,7 @@ ENV_VALUES = {
     "kv_cache_gib": ("0.25", 0.25),
     "max_model_len": ("512", 512),
     "prefill_chunk_size": ("64", 64),
+    "prefix_caching": ("off", False),
     "max_wait_steps": ("0", 0),
     "preload": ("p1,p2", ("p1", "p2")),
     "idle_offload_seconds": ("300", 300.0),

@@ -72,7 +72,12 @@ def test_completion(client, fake):
     assert body["model"] == "a0"
     assert body["choices"][0]["text"] == answer("a0", ids("hello"), 6)
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 6,
+        "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     (submitted_ids, adapter, params) = fake.submitted[-1]
     assert submitted_ids == ids("hello") and adapter == "a0" and params.max_tokens == 6
     base = post(client, "/v1/completions", {"model": "base", "prompt": "hello", "max_tokens": 3}).json()
@@ -347,3 +352,30 @@ def test_lorax_errors_are_tgi_bodies(client):
     assert tgi(post(client, "/generate", {"inputs": "hi", "parameters": {"adapter_id": "zz"}}), 404, None)["param"] == "model"
     tgi(post(client, "/generate_stream", {"inputs": ""}), 400, "validation")
     tgi(post(client, "/generate", {"inputs": "hi", "parameters": {"adapter_id": "broken"}}), 422, None)
+
+
+# ---- prefix caching ----------------------------------------------------------------------------------
+def test_cached_tokens_in_usage_completions_chat_and_stream(client, fake):
+    system = "you are a terse assistant for tenant zero. " * 2  # 86 characters = 86 fake tokens
+    first = post(client, "/v1/completions", {"model": "a0", "prompt": system + "one", "max_tokens": 3}).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    second = post(client, "/v1/completions", {"model": "a0", "prompt": system + "two", "max_tokens": 3}).json()
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 80}  # 5 whole blocks of 16
+    other = post(client, "/v1/completions", {"model": "a1", "prompt": system + "two", "max_tokens": 3}).json()
+    assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # another adapter: no reuse
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    post(client, "/v1/chat/completions", {"model": "a1", "messages": messages, "max_tokens": 2})
+    messages[-1]["content"] = "hello"
+    chat = post(client, "/v1/chat/completions", {"model": "a1", "messages": messages, "max_tokens": 2}).json()
+    n = len(fake.chat_prompt(messages))
+    assert chat["usage"]["prompt_tokens"] == n and chat["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    body = {"model": "a1", "messages": messages, "max_tokens": 2, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    events = sse_events(post(client, "/v1/chat/completions", body))
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    status = client.get("/v1/status").json()["prefix_cache"]
+    assert status["hit_tokens"] == fake.prefix_hits and 0 < status["hit_rate"] < 1
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert families["loraplex_prefix_cache_hits"].samples[0].value == fake.prefix_hits
+    assert families["loraplex_prefix_cache_queries"].samples[0].value == fake.prefix_queries
+    assert "loraplex_prefix_cache_blocks" in families and "loraplex_prefix_cache_evictions" in families
