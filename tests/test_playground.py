@@ -361,9 +361,26 @@ def test_compare_base_and_two_adapters_in_the_browser(main_server, watched, tmp_
     # Stop ends every stream; the server aborts the requests (nothing left running)
     page.uncheck('#model-list input[value="broken"]')
     page.fill("#max-tokens", "400")
-    page.click("#run")
-    page.wait_for_function("() => document.querySelector('#columns .column .output').textContent.length > 0")
-    page.click("#stop")
+    # Click Stop from inside the page the moment the first text arrives: the tiny model writes 400 tokens
+    # in well under a second, faster than a click driven from here could follow.
+    clicked = page.evaluate(
+        """() => new Promise((resolve) => {
+            setTimeout(() => resolve(false), 30000);  // never hang the suite
+            const root = document.querySelector('#columns');
+            const observer = new MutationObserver(() => {
+                const outputs = [...root.querySelectorAll('.column .output')];
+                const stop = document.querySelector('#stop');
+                if (outputs.some((o) => o.textContent.length > 0) && !stop.disabled) {
+                    observer.disconnect();
+                    stop.click();
+                    resolve(true);
+                }
+            });
+            observer.observe(root, {subtree: true, childList: true, characterData: true});
+            document.querySelector('#run').click();
+        })"""
+    )
+    assert clicked, "Stop was never enabled while text was arriving"
     # A column whose greedy text reached EOS before the click is "done" (the tiny model writes 400 tokens
     # in well under a second), the others "stopped"; none may stay "running".
     page.wait_for_function(
