@@ -110,7 +110,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
     started = time.perf_counter()
     gguf = GGUFLlama(gguf_path)
-    if not gguf.config()["tie_word_embeddings"]:
+    if "output.weight" in {t.name for t in gguf.reader.tensors}:
         raise DefaultModelError("expected SmolLM2 with tied input/output embeddings")
     if not gguf.field("tokenizer.chat_template"):
         # The GGUF carries SmolLM2's template; a differently converted file still yields a chat model.

@@ -73,7 +73,6 @@ class GGUFLlama:
         num_heads = int(get("llama.attention.head_count"))
         hidden = int(get("llama.embedding_length"))
         head_dim = int(get("llama.rope.dimension_count", hidden // num_heads))
-        tokens = get("tokenizer.ggml.tokens")
         names = {t.name for t in self.reader.tensors}
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -100,8 +99,13 @@ class GGUFLlama:
             "tie_word_embeddings": "output.weight" not in names,
             "unk_token_id": get("tokenizer.ggml.unknown_token_id"),
             "use_cache": True,
-            "vocab_size": int(get("llama.vocab_size", len(tokens) if tokens is not None else 0)),
+            "vocab_size": self._vocab_size(),
         }
+
+    def _vocab_size(self) -> int:
+        # Only when the header leaves it out: listing the vocabulary decodes ~50k strings.
+        size = self.field("llama.vocab_size")
+        return int(size) if size is not None else len(self.field("tokenizer.ggml.tokens") or [])
 
     # ---- weights ----
 
