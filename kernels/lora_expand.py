@@ -48,7 +48,9 @@ def _round_to_bf16(v):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+# stride_hs = num_tokens * num_slices * r_max changes with the batch: Triton would specialize it on
+# divisibility by 16 and compile again whenever that flips (the other ints are fixed per linear).
+@triton.jit(do_not_specialize=["stride_hs"])
 def _lora_expand_kernel(
     y_ptr,  # [num_tokens, out_total]
     h_ptr,  # [num_splits, num_tokens, num_slices, r_max] fp32 partial sums

@@ -55,7 +55,9 @@ def upcast_dots(t: torch.Tensor) -> bool:
     return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+# stride_hs = num_tokens * num_slices * r_max changes with the batch: Triton would specialize it on
+# divisibility by 16 and compile again whenever that flips (the other ints are fixed per linear).
+@triton.jit(do_not_specialize=["stride_hs"])
 def _lora_shrink_kernel(
     x_ptr,  # [num_tokens, in_features]
     a_ptr,  # [num_slots, num_slices, r_max, in_features]
