@@ -24,8 +24,6 @@ program per adapter of a wide projection (o, down) into several, so more SMs pul
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -46,13 +44,6 @@ def num_splits(in_features: int) -> int:
     """How many partial sums the shrink of an in_features-wide linear leaves (a function of the shape
     alone, so the result never depends on the batch)."""
     return max(1, triton.cdiv(in_features, SPLIT_K))
-
-
-def upcast_dots(t: torch.Tensor) -> bool:
-    """Whether kernels upcast 16-bit tiles to fp32 before tl.dot: only under the Triton interpreter
-    (CPU tensors, or TRITON_INTERPRET=1), which computes bf16 dots wrongly. Compiled for a GPU, the
-    dots stay native 16-bit with fp32 accumulation (tensor cores)."""
-    return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # stride_hs = num_tokens * num_slices * r_max changes with the batch: Triton would specialize it on
@@ -134,6 +125,14 @@ def _lora_shrink_kernel(
 
         h_ptrs = h_ptr + split * stride_hs + tok[:, None] * stride_ht + slice_idx * stride_hi + offs_r[None, :] * stride_hr
         tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+def upcast_dots(t: torch.Tensor) -> bool:
+    """Whether kernels upcast 16-bit tiles to fp32 before tl.dot: only under the Triton interpreter
+    (TRITON_INTERPRET=1 when the kernels were defined: @triton.jit then gives an interpreted function;
+    CPU tensors only ever run there), which computes bf16 dots wrongly. Compiled for a GPU, the dots
+    stay native 16-bit with fp32 accumulation (tensor cores)."""
+    return not t.is_cuda or not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
 
 
 def _rank_block(r_max: int) -> int:
