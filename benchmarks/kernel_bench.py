@@ -164,6 +164,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        torch.set_num_threads(1)  # toy ops: OpenMP barriers on a shared CPU cost more than the work
     dtype = getattr(torch, args.dtype)
     shapes = TINY_PROJECTIONS if args.tiny else PROJECTIONS
     if args.tiny:
