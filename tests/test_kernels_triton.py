@@ -16,7 +16,7 @@ import torch
 
 from loraplex.kernels import build_lora_meta, lora_apply, lora_delta_cpu
 from loraplex.kernels.lora_expand import lora_expand
-from loraplex.kernels.lora_shrink import SPLIT_K, lora_shrink, num_splits
+from loraplex.kernels.lora_shrink import lora_shrink, num_splits
 from loraplex.kernels.reference import lora_delta_loop
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
