@@ -79,7 +79,8 @@ class Config:
     kv_cache_memory_fraction: float = _opt(
         0.9,
         "CUDA without --kv-cache-gib: the share of the device memory still free after the model and its "
-        "adapter slots are loaded that the KV cache takes (the rest is left for activations)",
+        "adapter slots are loaded that the KV cache takes (the rest is left for activations; at most twice "
+        "what max-num-seqs sequences of max-model-len tokens fill)",
     )
     max_model_len: int | None = _opt(
         None, "prompt + output tokens per request (default: the model's max_position_embeddings)"

@@ -74,8 +74,7 @@ class DeviceModel:
         )
         self.model = model
         if not self.num_blocks:
-            block_bytes = ModelRunner.kv_bytes_per_block(self.spec, cfg.block_size, self.dtype)
-            self.num_blocks = max(2, kv_cache_bytes(cfg, self.device) // block_bytes)
+            self.num_blocks = kv_cache_blocks(cfg, self.spec, self.dtype, self.device)
         self.runner = ModelRunner(model, self.spec, self.num_blocks, cfg.block_size)
 
     def live_runner(self) -> ModelRunner:
@@ -138,6 +137,18 @@ class DeviceModel:
             ]
         tensors += [t for kv in runner.kv_caches for t in kv]
         return _storage_bytes(t for t in tensors if t is not None)
+
+
+def kv_cache_blocks(config: Config, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
+    """KV cache blocks: kv_cache_bytes over the bytes of one block. Sized from free memory, the pool is
+    capped at twice what max_num_seqs sequences of max_model_len tokens fill (the rest keeps cached
+    prefixes): a small model on a large GPU would otherwise get millions of blocks it never uses."""
+    block_bytes = ModelRunner.kv_bytes_per_block(spec, config.block_size, dtype)
+    num_blocks = kv_cache_bytes(config, device) // block_bytes
+    if config.kv_cache_gib is None and device.type == "cuda":
+        max_len = config.max_model_len or spec.max_position_embeddings
+        num_blocks = min(num_blocks, 2 * config.max_num_seqs * -(-max_len // config.block_size))
+    return max(2, num_blocks)
 
 
 def kv_cache_bytes(config: Config, device: torch.device) -> int:

@@ -214,7 +214,7 @@ def lora_expand(
         BLOCK_N=_BLOCK_N,
         BLOCK_R=block_r,
         UPCAST=upcast_dots(y),
-        # fp32 models need full fp32 dots (and the interpreter's upcast tiles are exact in them); 16-bit
-        # dots ignore it.
-        PRECISION="ieee",
+        # fp32 models need full fp32 dots. For 16-bit models "tf32" is Triton's default: native 16-bit
+        # dots ignore it, and the interpreter's upcast tiles hold 16-bit values, exact in tf32.
+        PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
     )

@@ -208,7 +208,8 @@ def lora_shrink(
         BLOCK_K=_BLOCK_K,
         SPLIT=SPLIT_K,
         UPCAST=upcast,
-        # fp32 inputs (and the interpreter's upcast tiles) need full fp32; 16-bit dots ignore it.
-        PRECISION="ieee",
+        # fp32 models need full fp32 dots. For 16-bit models "tf32" is Triton's default: native 16-bit
+        # dots ignore it, and the interpreter's upcast tiles hold 16-bit values, exact in tf32.
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     return out

@@ -43,6 +43,15 @@ def test_cuda_device_without_cuda_is_a_config_error():
 
 
 @pytest.mark.gpu
+def test_cuda_kv_pool_is_capped_for_small_models(tmp_path):
+    from tiny_models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", "llama")  # max_position_embeddings 512
+    engine = Engine(Config(model=str(base), dtype="float32", device="cuda", max_num_seqs=8))
+    assert engine.info.kv_blocks == 2 * 8 * (512 // 16)
+
+
+@pytest.mark.gpu
 def test_cuda_index_becomes_the_current_device():
     before = torch.cuda.current_device()
     try:
@@ -60,7 +69,8 @@ def test_cuda_index_becomes_the_current_device():
 def test_cuda_kv_cache_takes_the_free_memory_share(tmp_path):
     from tiny_models import save_tiny_model
 
-    base = save_tiny_model(tmp_path / "base", "llama")
+    # A context long enough that the pool's cap (2 x max_num_seqs full-length sequences) stays above it.
+    base = save_tiny_model(tmp_path / "base", "llama", max_position_embeddings=2**21)
     engine = Engine(Config(model=str(base), dtype="float32", device="cuda", kv_cache_memory_fraction=0.5))
     block_bytes = ModelRunner.kv_bytes_per_block(engine.spec, engine.config.block_size, torch.float32)
     kv_bytes = engine.info.kv_blocks * block_bytes
