@@ -131,10 +131,18 @@ def test_grouped_rows_equal_sdpa_with_gqa(q_len):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_attention_without_the_math_backend(dtype):
     """Decodes and a chunk after a prefix (masked GQA) run with SDPA's math backend switched off, and
-    match the CPU path."""
+    match the CPU path. (A fresh float32 prompt with GQA has no fused kernel in torch 2.11, flash being
+    16-bit only: float32 steps leave it out; bf16 ones keep it, on flash.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     spans = random_step(random.Random(3))
+    if dtype == torch.float32:
+        kept, row = [], 0
+        for sp in spans:
+            if sp.num_new == 1 or sp.start_pos > 0:
+                kept.append(SeqSpan(row, sp.num_new, sp.start_pos, sp.block_table))
+                row += sp.num_new
+        spans = kept
     num_heads, num_kv, d = 8, 2, 64
     num_tokens = sum(sp.num_new for sp in spans)
     gen = torch.Generator().manual_seed(1)
