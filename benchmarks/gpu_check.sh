@@ -5,18 +5,19 @@
 #   benchmarks/gpu_check.sh OUTDIR [--stages 2,5] [--cpu-fallback] [--block-imports]
 #
 # Stages (script, default timeout; the whole run stays inside BUDGET_S = 470 s, 8 minutes with margin):
-#   1 env            benchmarks/gpu_env.py: versions, GPU, driver, which SDPA backends run our masked calls  30 s
+#   1 env            benchmarks/gpu_env.py: versions, GPU, driver, which SDPA backends run our masked calls  45 s
 #   2 kernel_smoke   benchmarks/kernel_smoke.py: shrink + expand bf16/fp16/fp32 in the model's layout vs
 #                    float64, compile times                                                              60 s
 #   3 gpu_tests      pytest over the test files that hold `gpu` tests: those first, then the files'
-#                    other quick tests (on CUDA: the real kernels against the reference)              150 s
+#                    other quick tests (on CUDA: the real kernels against the reference)              135 s
 #   4 e2e            benchmarks/gpu_e2e.py: tiny Llama + mixed adapters, float32 greedy CUDA == CPU ==
 #                    PEFT; bf16 logits vs transformers + PEFT at prefill and 8 decode steps            60 s
 #   5 kernel_bench   benchmarks/kernel_bench.py --quick: 7-8B shapes, model layout, P6 rows first       60 s
 #   6 runner_decode  benchmarks/runner_decode.py: random Llama-3-8B-shaped bf16 model, decode sweep,
 #                    GPU and host time per step, P7 first                                              75 s
 #   7 profile        benchmarks/step_profile.py: one decode step's top kernels, launches, peak memory  35 s
-# GPU_CHECK_TIMEOUT_<N>=seconds overrides stage N's timeout. --stages reruns only the named stages and
+# GPU_CHECK_TIMEOUT_<N>=seconds overrides stage N's timeout, GPU_CHECK_BUDGET_S the whole run's budget (slow
+# CPU fallbacks need more). --stages reruns only the named stages and
 # keeps the other stages' earlier results in summary.json. Without CUDA, stages 2-7 report "skipped: no
 # CUDA", unless --cpu-fallback runs their toy CPU versions (stage 2 under the Triton interpreter; stage 3
 # then only collects the `gpu` tests, which skip). --block-imports makes starlette, uvicorn and gguf
@@ -72,7 +73,7 @@ HAS_CUDA=0; "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available()
 TINY=""; [ "$HAS_CUDA" = 0 ] && TINY="--tiny"
 
 NAMES=(_ env kernel_smoke gpu_tests e2e kernel_bench runner_decode profile)
-TIMEOUTS=(_ 30 60 150 60 60 75 35)
+TIMEOUTS=(_ 45 60 135 60 60 75 35)
 stage_cmd() {  # the command line of stage $1, writing its JSON to $2
   local json=$2
   case $1 in

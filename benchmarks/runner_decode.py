@@ -5,9 +5,10 @@ calls it.
 
 Cases: batch 1/8/32/64 x 0/1/8/32/64 distinct adapters (never more than the batch) at context 128;
 batch 64 at context 1k and 2k with 0 and 64 adapters; one 2k-token prefill with and without an adapter.
-Per case: GPU time per step (CUDA events around run(), synchronized) and host time per step (run()'s own
-wall time, before the synchronize: Python, metadata, launches). Host close to GPU means the GPU waits
-on launches (CUDA graphs would help). P7 comes first: batch 64 x 64 adapters against base-only at
+Per case: GPU time per step (CUDA events around run(), synchronized: the stream's span, idle gaps
+included) and host time per step (run()'s own wall time, before the synchronize: Python, metadata,
+launches). Host close to GPU means the GPU waits on launches (CUDA graphs would help); stage 7
+(step_profile.py) gives the kernels' own time for one step to compare. P7 comes first: batch 64 x 64 adapters against base-only at
 context 128, as kept throughput over the memory-traffic bound base_bytes / (base_bytes + adapter_bytes).
 
     python benchmarks/runner_decode.py --out OUT/runner_decode.json [--tiny]
@@ -146,7 +147,7 @@ def main() -> None:
     if base["kind"] == "decode" and base["adapters"] == 0 and lora["adapters"] == base["batch"]:
         kept = base["gpu_ms"] / lora["gpu_ms"]
         bound = base["bytes_floor"] / lora["bytes_floor"]
-        report["p7"] = dict(batch=base["batch"], adapters=lora["adapters"], ctx=base["ctx"], kept=kept, bound=kept and bound,
+        report["p7"] = dict(batch=base["batch"], adapters=lora["adapters"], ctx=base["ctx"], kept=kept, bound=bound,
                             kept_over_bound=kept / bound, meets_target=kept / bound >= 0.9)  # fmt: skip
         print(f"P7: batch {base['batch']} x {lora['adapters']} adapters kept {kept:.3f} of base-only GPU time per step; "
               f"memory-traffic bound {bound:.3f}; kept/bound {kept / bound:.3f} (target >= 0.9)")  # fmt: skip
