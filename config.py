@@ -71,7 +71,17 @@ class Config:
     max_num_seqs: int = _opt(64, "sequences decoded at once")
     max_num_batched_tokens: int = _opt(2048, "tokens per step (prompt chunks and decodes together)")
     block_size: int = _opt(16, "tokens per KV cache block")
-    kv_cache_gib: float = _opt(1.0, "KV cache size, GiB")
+    kv_cache_gib: float | None = _opt(
+        None,
+        "KV cache size, GiB (default: 1 on CPU; on CUDA, --kv-cache-memory-fraction of the memory free once "
+        "the model is loaded)",
+    )
+    kv_cache_memory_fraction: float = _opt(
+        0.9,
+        "CUDA without --kv-cache-gib: the share of the device memory still free after the model and its "
+        "adapter slots are loaded that the KV cache takes (the rest is left for activations; at most twice "
+        "what max-num-seqs sequences of max-model-len tokens fill)",
+    )
     max_model_len: int | None = _opt(
         None, "prompt + output tokens per request (default: the model's max_position_embeddings)"
     )
@@ -154,8 +164,10 @@ class Config:
             raise ConfigError(
                 "max_host_adapters must be >= 1 and host_cache_gib > 0", param="max_host_adapters"
             )
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib must be > 0", param="kv_cache_gib")
+        if not 0 < self.kv_cache_memory_fraction < 1:
+            raise ConfigError("kv_cache_memory_fraction must be in (0, 1)", param="kv_cache_memory_fraction")
         if self.idle_offload_seconds is not None and not self.idle_offload_seconds > 0:
             raise ConfigError("idle_offload_seconds must be > 0", param="idle_offload_seconds")
         for n in self.preload:

@@ -28,7 +28,7 @@ import torch
 from ..adapter_cache.cache import AdapterCache
 from ..adapter_cache.sources import AdapterSources
 from ..config import Config
-from ..errors import AdapterNotFoundError, InvalidRequestError
+from ..errors import AdapterNotFoundError, ConfigError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.prefix_cache import adapter_namespace, base_namespace
 from ..scheduler.request import Request
@@ -67,10 +67,22 @@ class _Track:
     drawn: TokenLogprob | None = None
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda[:N] -> the engine's device. A CUDA device becomes the current one: Triton
+    launches, and torch calls that name no index, go to the current device, which is cuda:0 unless set."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is available", param="device")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)", param="device")
+    torch.cuda.set_device(device)
+    return device
 
 
 def _pick_dtype(name: str, hf_config: Any) -> torch.dtype:
@@ -87,7 +99,7 @@ class Engine:
         self.model_name = config.model or model_dir.name
         hf_config = load_hf_config(model_dir)
         dtype = _pick_dtype(config.dtype, hf_config)
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         # Start-up runs three things at once: the tokenizer (mostly imports) in a thread, the adapters to
         # preload in the cache's load pool, and the base weights here (copies that release the GIL).
         tokenizer_future = load_tokenizer_in_background(model_dir)

@@ -49,9 +49,9 @@ class DeviceModel:
         self._config, self._model_dir, self._hf_config = config, model_dir, hf_config
         self.spec, self.dtype, self.device = spec, dtype, device
         self._adapter_cache = adapter_cache
-        block_bytes = ModelRunner.kv_bytes_per_block(spec, config.block_size, dtype)
-        # fixed for the engine's life: the scheduler's block pool keeps its size across offloads
-        self.num_blocks = max(2, int(config.kv_cache_gib * 2**30) // block_bytes)
+        # fixed for the engine's life (the scheduler's block pool keeps its size across offloads); sized by
+        # the first _build, once the weights are on the device
+        self.num_blocks = 0
         self.model: CausalLM | None = None
         self.runner: ModelRunner | None = None
         self.offloaded: str | None = None  # None while on the device, else the offload mode
@@ -73,6 +73,8 @@ class DeviceModel:
             kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
         )
         self.model = model
+        if not self.num_blocks:
+            self.num_blocks = kv_cache_blocks(cfg, self.spec, self.dtype, self.device)
         self.runner = ModelRunner(model, self.spec, self.num_blocks, cfg.block_size)
 
     def live_runner(self) -> ModelRunner:
@@ -135,6 +137,30 @@ class DeviceModel:
             ]
         tensors += [t for kv in runner.kv_caches for t in kv]
         return _storage_bytes(t for t in tensors if t is not None)
+
+
+def kv_cache_blocks(config: Config, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
+    """KV cache blocks: kv_cache_bytes over the bytes of one block. Sized from free memory, the pool is
+    capped at twice what max_num_seqs sequences of max_model_len tokens fill (the rest keeps cached
+    prefixes): a small model on a large GPU would otherwise get millions of blocks it never uses."""
+    block_bytes = ModelRunner.kv_bytes_per_block(spec, config.block_size, dtype)
+    num_blocks = kv_cache_bytes(config, device) // block_bytes
+    if config.kv_cache_gib is None and device.type == "cuda":
+        max_len = config.max_model_len or spec.max_position_embeddings
+        num_blocks = min(num_blocks, 2 * config.max_num_seqs * -(-max_len // config.block_size))
+    return max(2, num_blocks)
+
+
+def kv_cache_bytes(config: Config, device: torch.device) -> int:
+    """The KV cache's byte budget: --kv-cache-gib when given; else on CUDA the configured fraction of the
+    device memory free now (call it after the weights and adapter slots are allocated), else 1 GiB."""
+    if config.kv_cache_gib is not None:
+        return int(config.kv_cache_gib * 2**30)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks the allocator holds but nothing uses count as free
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * config.kv_cache_memory_fraction)
+    return 2**30
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -15,6 +15,7 @@ class LoraMeta:
       sorted_idx = [2, 4, 0, 3]      tokens with a slot, stably sorted by slot
       slot_ids   = [0, 2]            distinct active slots, ascending
       seg_starts = [0, 2, 4]         segment i is sorted_idx[seg_starts[i]:seg_starts[i + 1]]
+      seg_ranks  = [16, 8]           true rank of slot_ids[i] (the kernels skip the zero padding above it)
     Tokens with slot -1 get no LoRA delta and appear in no segment.
     """
 
@@ -22,6 +23,7 @@ class LoraMeta:
     sorted_idx: torch.Tensor  # [num_lora_tokens] int64
     slot_ids: torch.Tensor  # [num_active] int64
     seg_starts: torch.Tensor  # [num_active + 1] int64
+    seg_ranks: torch.Tensor  # [num_active] int64 true rank of each active slot; -1 = unknown (use r_max)
     slot_ids_list: list[int]  # host copies, so the CPU path never syncs
     seg_starts_list: list[int]
     slot_ranks_list: list[int]  # true rank of each active slot (<= r_max); lets the CPU path skip padding
@@ -54,10 +56,21 @@ class LoraMeta:
         return self.cache[key]
 
 
+# Each packed array starts on a multiple of this many int64 elements (16 bytes). Triton specializes a
+# pointer argument on whether it is 16-byte aligned: arrays packed back to back would flip that with the
+# parity of the lengths before them and trigger a fresh compile in the middle of serving.
+_ALIGN_ELEMS = 2
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN_ELEMS) * _ALIGN_ELEMS
+
+
 class MetaBuffers:
-    """Preallocated storage for a step's LoRA index arrays. The four arrays are packed into one host
-    buffer (pinned on CUDA) and reach the device in one copy; the LoraMeta tensors are views into a
-    device buffer that is reused from step to step (grown only when a step needs more)."""
+    """Preallocated storage for a step's LoRA index arrays. The arrays are packed into one host buffer
+    (pinned on CUDA), each starting on a 16-byte boundary, and reach the device in one copy; the
+    LoraMeta tensors are views into a device buffer that is reused from step to step (grown only when
+    a step needs more)."""
 
     def __init__(self, device: torch.device | str, capacity: int = 4096) -> None:
         self.device = torch.device(device)
@@ -70,17 +83,21 @@ class MetaBuffers:
         self.dev = torch.empty(capacity, dtype=torch.int64, device=self.device) if on_cuda else self.host
 
     def pack(self, arrays: list[list[int]]) -> list[torch.Tensor]:
-        total = sum(len(a) for a in arrays)
+        """One view per array, each starting on a 16-byte boundary (the buffers themselves are)."""
+        starts, total = [], 0
+        for a in arrays:
+            starts.append(total)
+            total += _aligned(len(a))
         if total > self.capacity:
             self._allocate(max(total, 2 * self.capacity))
-        self.host[:total] = torch.tensor([v for a in arrays for v in a], dtype=torch.int64)
+        flat: list[int] = []
+        for a in arrays:
+            flat.extend(a)
+            flat.extend([0] * (_aligned(len(a)) - len(a)))  # padding, never read
+        self.host[:total] = torch.tensor(flat, dtype=torch.int64)
         if self.dev is not self.host:
             self.dev[:total].copy_(self.host[:total], non_blocking=True)
-        views, start = [], 0
-        for a in arrays:
-            views.append(self.dev[start : start + len(a)])
-            start += len(a)
-        return views
+        return [self.dev[start : start + len(a)] for start, a in zip(starts, arrays, strict=True)]
 
 
 def build_lora_meta(
@@ -110,7 +127,7 @@ def build_lora_meta(
     ranks = [slot_ranks[s] if slot_ranks is not None else -1 for s in slot_ids]
     is_single_full = len(slot_ids) == 1 and len(order) == len(token_slot)
 
-    arrays = [list(token_slot), sorted_idx, slot_ids, seg_starts]
+    arrays = [list(token_slot), sorted_idx, slot_ids, seg_starts, ranks]
     if buffers is not None:
         tensors = buffers.pack(arrays)
     else:
@@ -120,6 +137,7 @@ def build_lora_meta(
         sorted_idx=tensors[1],
         slot_ids=tensors[2],
         seg_starts=tensors[3],
+        seg_ranks=tensors[4],
         slot_ids_list=slot_ids,
         seg_starts_list=seg_starts,
         slot_ranks_list=ranks,

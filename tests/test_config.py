@@ -33,6 +33,7 @@ ENV_VALUES = {
     "max_num_batched_tokens": ("99", 99),
     "block_size": ("32", 32),
     "kv_cache_gib": ("0.25", 0.25),
+    "kv_cache_memory_fraction": ("0.5", 0.5),
     "max_model_len": ("512", 512),
     "prefill_chunk_size": ("64", 64),
     "prefix_caching": ("off", False),

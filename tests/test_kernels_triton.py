@@ -16,7 +16,7 @@ import torch
 
 from loraplex.kernels import build_lora_meta, lora_apply, lora_delta_cpu
 from loraplex.kernels.lora_expand import lora_expand
-from loraplex.kernels.lora_shrink import lora_shrink
+from loraplex.kernels.lora_shrink import lora_shrink, num_splits
 from loraplex.kernels.reference import lora_delta_loop
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -82,9 +82,10 @@ def make_case(
 
 
 def run_triton(case: Case, y: torch.Tensor, meta) -> torch.Tensor:
-    """Shrink into a NaN-poisoned h, then expand into y (in place). Returns h."""
-    num_slices, r_max = case.lora_a.shape[1], case.lora_a.shape[2]
-    h = torch.full((len(case.token_slot), num_slices, r_max), float("nan"), device=DEVICE)
+    """Shrink into NaN-poisoned split-K partials h, then expand into y (in place). Returns h
+    [num_splits, T, num_slices, r_max]."""
+    num_slices, r_max, in_features = case.lora_a.shape[1:]
+    h = torch.full((num_splits(in_features), len(case.token_slot), num_slices, r_max), float("nan"), device=DEVICE)
     assert lora_shrink(case.x, case.lora_a, meta, out=h) is h
     lora_expand(y, h, case.lora_b, case.slice_offsets, meta)
     return h
@@ -103,15 +104,34 @@ def check_against_reference(case: Case, dtype: torch.dtype) -> None:
     lora_rows = torch.tensor([t for t, s in enumerate(case.token_slot) if s >= 0], dtype=torch.long)
     base_rows = torch.tensor([t for t, s in enumerate(case.token_slot) if s < 0], dtype=torch.long)
     h, y = h.cpu(), y.cpu()
-    # Every LoRA token's h row is fully written and right; slot -1 rows are written by nobody.
-    assert torch.isfinite(h[lora_rows]).all()
-    torch.testing.assert_close(h[lora_rows].double(), h_ref[lora_rows], rtol=1e-4, atol=1e-4)
-    assert torch.isnan(h[base_rows]).all()
+    # Every LoRA token's h row is written up to its slot's true rank, and its split-K partials add up to
+    # the reference; columns past the rank (zero padding) and slot -1 rows are written by nobody.
+    rank_of = torch.tensor([case.slot_ranks[s] if s >= 0 else 0 for s in case.token_slot])
+    below_rank = torch.arange(h.shape[-1])[None, :] < rank_of[:, None]  # [T, r_max]
+    written = below_rank[None, :, None, :].expand_as(h)
+    assert torch.isfinite(h[written]).all()
+    assert torch.isnan(h[~written]).all()
+    h_sum = h.nan_to_num().double().sum(0)  # [T, num_slices, r_max], zeros where unwritten
+    torch.testing.assert_close(h_sum[lora_rows], h_ref[lora_rows], rtol=1e-4, atol=1e-4)
     # y_out - y_in == delta on LoRA rows, up to the rounding of y_in + delta to the dtype (hence the
-    # tolerance relative to y_in + delta); base rows untouched bit for bit.
-    want = y_in[lora_rows].double() + delta_ref[lora_rows]
+    # tolerance relative to y_in + delta); base rows untouched bit for bit. The kernel, like PEFT and the
+    # CPU path, holds h in the adapter's dtype for the expand: so does the expected delta, from the h just
+    # checked against the reference (rounding h_ref instead could land one ulp of h apart on a tie).
+    delta_want = delta_of(h_sum.float().to(dtype).double(), case) if dtype != F32 else delta_ref
+    want = y_in[lora_rows].double() + delta_want[lora_rows]
     torch.testing.assert_close(y[lora_rows].double(), want, **TOL[dtype])
     assert torch.equal(y[base_rows], y_in[base_rows])
+
+
+def delta_of(h: torch.Tensor, case: Case) -> torch.Tensor:
+    """[T, out_total] float64: every LoRA token's h [T, num_slices, r_max] times its slot's B."""
+    b64 = case.lora_b.cpu().double()
+    delta = torch.zeros(h.shape[0], case.slice_offsets[-1], dtype=torch.float64)
+    for t, s in enumerate(case.token_slot):
+        for i, (lo, hi) in enumerate(zip(case.slice_offsets, case.slice_offsets[1:], strict=False)):
+            if s >= 0:
+                delta[t, lo:hi] = h[t, i] @ b64[s, lo:hi].T
+    return delta
 
 
 # (num_tokens, num_slots, r_max, slice widths, in_features)
@@ -197,7 +217,7 @@ def composition_runs(dtype: torch.dtype) -> tuple[list[int], list[tuple[torch.Te
         y = y_all[rows].clone()
         h = run_triton(sub, y, meta)
         where = [perm.index(i) for i in range(len(watched))]  # position of watched token i
-        return h[where].cpu(), y[where].cpu()
+        return h[:, where].nan_to_num().sum(0).cpu(), y[where].cpu()  # h: the split-K partials added up
 
     runs = [
         run([], [], order_seed=0),  # alone
