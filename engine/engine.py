@@ -196,9 +196,13 @@ class Engine:
                 raise AdapterError(
                     name, f"the new version did not load within {timeout:g} s", code="adapter_load_timeout"
                 )
-        except BaseException:
+        except BaseException as exc:
             cache.unload(key)
             sources.named.pop(key, None)
+            if isinstance(exc, AdapterError):  # say which name it was for and that nothing changed
+                error = type(exc)(name, f"the update was refused, version {current!r} keeps serving: {exc.message}")
+                error.code, error.status = exc.code, exc.status
+                raise error from exc
             raise
         old = self.versions.switch(name, key)
         if old is not None:
