@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import LoraplexError
 from .errors import ModelNotFoundError
-from .routes import Route, parse_route, read_routes_file
+from .routes import Route, RouteTable, parse_route, read_routes_file
 from .state import Call, ServerState
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,15 @@ class RoutesFile:
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "loaded_at": self.loaded_at, "error": self.error}
 
-    def reload_if_changed(self, state: ServerState) -> bool:
-        """Read the file; when its content changed, parse and check it and swap the table in. Returns
-        whether the routes changed. Blocking (reads the disk): run it off the event loop."""
+    def read_if_changed(self, state: ServerState) -> RouteTable | None:
+        """Read the file; when its content changed, parse and check it: the new table, or None (no
+        change, or rejected: the error is kept and logged). Blocking (reads the disk): off the loop."""
         try:
             digest = hashlib.blake2b(self.path.read_bytes()).digest()
         except OSError as exc:
             digest = repr(exc).encode()  # a missing file counts as a change of content, reported once
         if digest == self.digest:
-            return False
+            return None
         self.digest = digest
         try:
             table = read_routes_file(self.path)
@@ -65,18 +65,20 @@ class RoutesFile:
         except LoraplexError as exc:
             self.error = exc.message
             log.error("routes file rejected, the routes in force stay: %s", exc.message)
-            return False
-        state.routes = table  # one assignment: requests see the old table or the new one
+            return None
         self.error, self.loaded_at = None, time.time()
         log.info("routes loaded from %s: %s", self.path, ", ".join(r.alias for r in table) or "none")
-        return True
+        return table
 
     async def watch(self, state: ServerState) -> None:
         """Poll until cancelled (app shutdown); starts once the engine is ready."""
         while True:
             if state.engine is not None:
                 try:
-                    await run_in_threadpool(self.reload_if_changed, state)
+                    table = await run_in_threadpool(self.read_if_changed, state)
+                    if table is not None:
+                        async with state.routes_lock:  # never interleaved with a PUT / DELETE
+                            state.routes = table  # one assignment: requests see the old or the new table
                 except Exception:  # never let the watcher die: the next poll tries again
                     log.exception("reading the routes file failed")
             await asyncio.sleep(self.poll_seconds)

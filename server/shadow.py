@@ -127,22 +127,31 @@ class ShadowRunner:
         self._tasks: set[asyncio.Task] = set()  # strong references until each run ends
 
     def start(
-        self, engine: EngineClient, alias: str, version: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        engine: EngineClient,
+        alias: str,
+        version: str,
+        adapter: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
     ) -> ShadowRun:
+        """Run the candidate `version` (engine `adapter`: None for the base model) on one prompt."""
         run = ShadowRun(self, alias, version)
         # The candidate needs no logprobs; everything that decides its text stays the same.
-        task = asyncio.create_task(self._run(engine, run, list(prompt_ids), replace(params, logprobs=None)))
+        task = asyncio.create_task(self._run(engine, run, adapter, list(prompt_ids), replace(params, logprobs=None)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return run
 
-    async def _run(self, engine: EngineClient, run: ShadowRun, ids: list[int], params: SamplingParams) -> None:
+    async def _run(
+        self, engine: EngineClient, run: ShadowRun, adapter: str | None, ids: list[int], params: SamplingParams
+    ) -> None:
         t0 = time.perf_counter()
         texts: list[str] = []
         tokens, failed = 0, False
         stream = None
         try:
-            stream = await engine.submit(ids, run.version, params, f"shadow-{uuid.uuid4().hex}", SHADOW_PRIORITY)
+            stream = await engine.submit(ids, adapter, params, f"shadow-{uuid.uuid4().hex}", SHADOW_PRIORITY)
             async for out in stream:
                 texts.append(out.new_text)
                 tokens = out.num_output_tokens

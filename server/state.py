@@ -274,8 +274,11 @@ class ServerState:
                     if params.seed is not None and j:
                         p = replace(params, seed=(params.seed + j) % MAX_SEED)
                     await job.submit(ids, p, f"{response_id}-{len(job.choices)}", first_of_prompt=j == 0)
-            if call.shadow is not None:  # the first prompt's first choice also runs on the candidate
-                job.shadow = self.shadows.start(engine, call.label, call.shadow, prompts[0], params)
+            # The first prompt's first choice also runs on the candidate, unless the queue is half full
+            # (waiting shadow runs count against --max-queue, and must never cost real requests a 429).
+            if call.shadow is not None and (self.max_queue is None or 2 * engine.num_waiting < self.max_queue):
+                candidate = None if self.is_base(call.shadow) else call.shadow
+                job.shadow = self.shadows.start(engine, call.label, call.shadow, candidate, prompts[0], params)
             await job.start()
         except BaseException:
             await job.close()
