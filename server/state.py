@@ -206,6 +206,10 @@ class ServerState:
                 continue
             if self.is_base(route.alias):
                 raise RouteError(f"alias '{route.alias}' is the base model's name")
+            if table.users_of(route.alias):
+                raise RouteError(
+                    f"alias '{route.alias}' is a version in the route(s) {', '.join(table.users_of(route.alias))}"
+                )
             for version in sorted(route.names()):
                 if self.is_base(version):
                     continue

@@ -107,6 +107,12 @@ def test_route_to_missing_adapter_is_refused_when_set(client):
     assert "nope" in err["message"]
     err = error_of(put(client, "base", ROUTE), 400)
     assert "base model" in err["message"]
+    assert put(client, "support", ROUTE).status_code == 201
+    err = error_of(put(client, "support-v8", {"versions": {"support-v7": 1}}), 400)  # would hide a version
+    assert "is a version in the route(s) support" in err["message"]
+    err = error_of(put(client, "legal", {"versions": {"support": 1}}), 400)
+    assert "'support' is an alias" in err["message"]
+    assert client.delete("/v1/routes/support").status_code == 200
     error_of(put(client, "support", {"versions": {"support-v7": "a lot"}}), 400)
     error_of(client.put("/v1/routes/support", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
     assert client.get("/v1/routes").json()["data"] == []  # nothing half-applied
