@@ -8,7 +8,7 @@ completion of `--max-tokens` greedy tokens; its end-to-end latency and TTFT are 
 Prints a table and writes JSON; --write-results puts a section into RESULTS.md.
 
     python benchmarks/shadow_overhead.py [--rate 1.5] [--seconds 40] [--rounds 2] [--fraction 0.1]
-        [--max-tokens 32] [--out benchmarks/out/shadow_overhead.json] [--write-results]
+        [--max-tokens 32] [--out benchmarks/out/shadow_overhead.json] [--write-results] [--from-json FILE]
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/out/shadow_overhead.json")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--from-json", help="only write the RESULTS.md section of an earlier run's JSON")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        write_results(saved["meta"], saved["table"], saved["ratio"], saved["shadow"]["candidates"].get("support-v2", {}))
+        return
     model_dir = resolve_model_dir(None)
     shapes = base_shapes_of(model_dir)
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-shadow-"))
@@ -152,23 +157,26 @@ def main() -> None:
     out.write_text(json.dumps(dict(meta=meta, table=table, ratio=ratio, shadow=shadow), indent=2))
     print(f"wrote {out}")
     if args.write_results:
-        rows = "\n".join(
-            f"| {m} | {t['requests']} | {t['errors']} | {t['e2e_p50']:.3f} | {t['e2e_p99']:.3f} | {t['ttft_p50']:.3f} | {t['ttft_p99']:.3f} |"
-            for m, t in table.items()
-        )
-        section = (
-            f"{BEGIN}\n`python benchmarks/shadow_overhead.py --rate {args.rate} --seconds {args.seconds} --rounds {args.rounds} "
-            f"--fraction {args.fraction} --max-tokens {args.max_tokens} --write-results` on {meta['cpu']} ({meta['cpus']} cores), "
-            "default model bf16, two rank-16 all-linear adapters; the same seeded Poisson arrivals per round, "
-            "rounds alternating without and with the shadow.\n\n"
-            "| shadow | requests | errors | e2e p50 (s) | e2e p99 (s) | TTFT p50 (s) | TTFT p99 (s) |\n|---|---:|---:|---:|---:|---:|---:|\n"
-            f"{rows}\n\n"
-            f"- primary latency with a {args.fraction:.0%} shadow / without: e2e p50 **{ratio['e2e_p50']:.3f}x**, "
-            f"p99 **{ratio['e2e_p99']:.3f}x**; TTFT p50 {ratio['ttft_p50']:.3f}x, p99 {ratio['ttft_p99']:.3f}x\n"
-            f"- shadow pairs compared: {candidate.get('pairs')} (exact-match rate {candidate.get('exact_match_rate')})\n{END}"
-        )
-        write_results_section(section, BEGIN, END, "Adapter lifecycle: shadow traffic overhead (issue 18)")
+        write_results(meta, table, ratio, candidate)
 
+
+def write_results(meta: dict, table: dict, ratio: dict, candidate: dict) -> None:
+    rows = "\n".join(
+        f"| {m} | {t['requests']} | {t['errors']} | {t['e2e_p50']:.3f} | {t['e2e_p99']:.3f} | {t['ttft_p50']:.3f} | {t['ttft_p99']:.3f} |"
+        for m, t in table.items()
+    )
+    section = (
+        f"{BEGIN}\n`python benchmarks/shadow_overhead.py --rate {meta['rate']} --seconds {meta['seconds']} --rounds {meta['rounds']} "
+        f"--fraction {meta['fraction']} --max-tokens {meta['max_tokens']}` on {meta['cpu']} ({meta['cpus']} cores), "
+        "default model bf16, two rank-16 all-linear adapters; the same seeded Poisson arrivals in every round, "
+        "rounds alternating without and with the shadow.\n\n"
+        "| shadow | requests | errors | e2e p50 (s) | e2e p99 (s) | TTFT p50 (s) | TTFT p99 (s) |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        f"{rows}\n\n"
+        f"- primary latency with a {meta['fraction']:.0%} shadow / without: e2e p50 **{ratio['e2e_p50']:.3f}x**, "
+        f"p99 **{ratio['e2e_p99']:.3f}x**; TTFT p50 {ratio['ttft_p50']:.3f}x, p99 {ratio['ttft_p99']:.3f}x\n"
+        f"- shadow pairs compared: {candidate.get('pairs')} (exact-match rate {candidate.get('exact_match_rate')})\n{END}"
+    )
+    write_results_section(section, BEGIN, END, "Adapter lifecycle: shadow traffic overhead (issue 18)")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from ..adapter_cache.versions import public_name
-from ..errors import InvalidRequestError, LoraplexError
+from ..errors import AdapterError, InvalidRequestError, LoraplexError
 from ..scheduler.sampling_params import SamplingParams
 from .engine import Engine
 from .protocol import AdapterRow, EngineInfo, EngineStatus, RequestOutput
@@ -215,6 +215,14 @@ class AsyncEngine:
         self.engine.adapter_cache.load(self.engine.versions.current(name), False, timeout)
 
     def unload_adapter(self, name: str) -> bool:
-        """Unload the current version of `name` (refused while requests use it) and drop its others."""
+        """Unload the current version of `name` (refused while requests use it, or while a replaced
+        version still finishes requests) and drop its others."""
+        retiring = self.engine.versions.retired_of(name)
+        if retiring:
+            raise AdapterError(
+                name,
+                f"cannot unload: the replaced version(s) {', '.join(retiring)} still finish requests; retry after they finish",
+                code="adapter_in_use",
+            )
         found = self.engine.adapter_cache.unload(self.engine.versions.current(name))
         return bool(self.engine.forget_adapter(name)) or found

@@ -29,6 +29,11 @@ request is admitted within max_wait_steps + max_tokens steps. Why: from the step
 oldest starved request, nothing but X joins the running set, which empties within S steps; then the
 budget, max_num_seqs, max_active_adapters and the block pool all have room for X, and after D more
 steps so does residency. Each of the k older starved requests costs at most S + D steps the same way.
+
+Background requests (`priority` > 0: shadow runs) sit outside that bound and never weaken it: they are
+never counted as starved, are admitted only after every normal waiting request was admitted (none left
+waiting), hold at most half of max_num_seqs, and come last in the running order, so preemption takes
+them first. They may wait indefinitely under sustained load, which is what spare-capacity work means.
 """
 
 from __future__ import annotations

@@ -87,6 +87,11 @@ def test_in_place_update_keeps_in_flight_requests_on_their_version(world):
         engine.add_request(p, "legal", greedy(12), f"new-{i}")
     rows = {r["name"]: r for r in engine.adapter_cache.list()}
     assert rows["legal"]["tier"] == "device" and rows["legal"]["pinned"] > 0  # still serving the old ones
+    (row,) = AsyncEngine(engine).list_adapters()
+    assert (row.name, row.version, row.retiring) == ("legal", "legal#2", ("legal",))
+    with pytest.raises(AdapterError, match="still finish requests") as refused:
+        AsyncEngine(engine).unload_adapter("legal")  # the old version is still in use
+    assert refused.value.code == "adapter_in_use"
     while engine.has_work():
         collect(engine.step())
 
