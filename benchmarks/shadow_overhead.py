@@ -123,6 +123,7 @@ def main() -> None:
     rng = random.Random(0)
     schedule = arrivals(rng, args.rate, args.seconds)
     results: dict[str, list[dict]] = {"none": [], "shadow": []}
+    rounds: list[dict] = []  # per round e2e p50: the spread between rounds of one mode shows the noise
     try:
         httpx.put(f"{url}/v1/routes/support", json=routes["none"], timeout=30).raise_for_status()
         asyncio.run(run_round(url, schedule[:6], args.max_tokens))  # warm-up (both adapters resident after)
@@ -132,7 +133,11 @@ def main() -> None:
             for mode in ("none", "shadow"):
                 httpx.put(f"{url}/v1/routes/support", json=routes[mode], timeout=30).raise_for_status()
                 print(f"round {r + 1}/{args.rounds}: {mode} ({len(schedule)} requests)", flush=True)
-                results[mode] += asyncio.run(run_round(url, schedule, args.max_tokens))
+                rows = asyncio.run(run_round(url, schedule, args.max_tokens))
+                results[mode] += rows
+                done = [x["e2e"] for x in rows if "e2e" in x]
+                rounds.append({"round": r + 1, "mode": mode, "e2e_p50": pct(done, 0.5) if done else None})
+                print(f"  e2e p50 {rounds[-1]['e2e_p50']:.3f} s" if done else "  no request completed", flush=True)
                 time.sleep(3)  # let the last shadow runs finish before the next round
         shadow = httpx.get(f"{url}/v1/routes/support/shadow", timeout=30).json()
     finally:
@@ -154,7 +159,7 @@ def main() -> None:
     meta = dict(cpu=cpu_name(), cpus=os.cpu_count(), model="SmolLM2-135M-Instruct bf16", **vars(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, table=table, ratio=ratio, shadow=shadow), indent=2))
+    out.write_text(json.dumps(dict(meta=meta, table=table, ratio=ratio, rounds=rounds, shadow=shadow), indent=2))
     print(f"wrote {out}")
     if args.write_results:
         write_results(meta, table, ratio, candidate)
