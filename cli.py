@@ -126,6 +126,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # flag mistakes fail now, before binding
     server = server_config_from_args(args)
     keys = build_key_table(server.api_key, server.api_keys_file)
+    if server.routes is not None:  # a file that does not parse stops the start, before binding
+        from .server.routes import read_routes_file
+
+        read_routes_file(server.routes)
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -147,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=server.served_model_name,
         max_queue=server.max_queue,
         max_body_bytes=server.max_body_bytes,
+        routes_file=server.routes,
+        routes_poll_seconds=server.routes_poll_seconds,
     )
     return serve(app, server.host, server.port, server.shutdown_grace_seconds, server.log_level)
 

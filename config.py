@@ -191,6 +191,8 @@ class ServerConfig:
     api_key: str | None = _opt(None, "an admin API key (auth is off unless a key is set)", repr=False)
     api_keys_file: str | None = _opt(None, 'JSON: {KEY: {"adapters": [names or globs], "admin": bool}}')
     max_queue: int | None = _opt(None, "waiting requests before 429 (default: no limit)")
+    routes: str | None = _opt(None, "aliases file (YAML, or JSON for .json): {ALIAS: {versions: {V: weight}, shadow?}}")
+    routes_poll_seconds: float = _opt(1.0, "how often the --routes file is checked for changes")
     max_body_bytes: int = _opt(4 * 2**20, "request body limit (413 above)")
     shutdown_grace_seconds: float = _opt(30.0, "on SIGTERM, how long in-flight requests may take to finish")
     log_level: str = _opt("info", "log level of the server's messages", choices=LOG_LEVELS)
@@ -200,6 +202,8 @@ class ServerConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}", param="port")
         if self.max_queue is not None and self.max_queue < 1:
             raise ConfigError("max_queue must be >= 1", param="max_queue")
+        if self.routes_poll_seconds <= 0:
+            raise ConfigError("routes_poll_seconds must be > 0", param="routes_poll_seconds")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024", param="max_body_bytes")
         if self.shutdown_grace_seconds < 0:

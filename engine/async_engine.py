@@ -14,7 +14,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from ..errors import InvalidRequestError, LoraplexError
+from ..adapter_cache.versions import public_name
+from ..errors import AdapterError, InvalidRequestError, LoraplexError
 from ..scheduler.sampling_params import SamplingParams
 from .engine import Engine
 from .protocol import AdapterRow, EngineInfo, EngineStatus, RequestOutput
@@ -87,6 +88,7 @@ class AsyncEngine:
         adapter: str | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; iterate its outputs until the one with finished=True. Validation errors raise
         here, before the first output. Closing the iterator early (client gone) aborts the request."""
@@ -97,7 +99,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._streams[request_id] = (loop, queue)  # before the engine can produce its first output
         try:
-            self.engine.add_request(prompt, adapter, params, request_id)
+            self.engine.add_request(prompt, adapter, params, request_id, priority)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -162,15 +164,23 @@ class AsyncEngine:
     def eos_token_id(self) -> int | None:
         return self.engine.text.eos_token_id
 
-    # ---- adapters ----
+    # ---- adapters (by name; the engine maps a name to its current version) ----
     def admission_error(self, adapter: str) -> LoraplexError | None:
-        return self.engine.adapter_cache.admission_error(adapter)
+        return self.engine.adapter_cache.admission_error(self.engine.versions.current(adapter))
 
     def adapter_error(self, adapter: str) -> LoraplexError | None:
-        return self.engine.adapter_cache.error_of(adapter)
+        return self.engine.adapter_cache.error_of(self.engine.versions.current(adapter))
 
     def list_adapters(self) -> list[AdapterRow]:
-        return [AdapterRow(row["name"], row["tier"]) for row in self.engine.adapter_cache.list()]
+        versions = self.engine.versions
+        rows = []
+        for row in self.engine.adapter_cache.list():
+            key = row["name"]
+            name = public_name(key)
+            if versions.current(name) != key:
+                continue  # a version being loaded or retired: listed under its name's row
+            rows.append(AdapterRow(name, row["tier"], key, tuple(versions.retired_of(name))))
+        return rows
 
     def register_adapter(self, name: str, path: str) -> bool:
         cache = self.engine.adapter_cache
@@ -191,14 +201,28 @@ class AsyncEngine:
         return True
 
     def unregister_adapter(self, name: str) -> bool:
+        self.engine.forget_adapter(name)
         if name not in self._registered:
             return False
         self._registered.discard(name)
         self.engine.adapter_cache.sources.named.pop(name, None)
         return True
 
+    def update_adapter(self, name: str, path: str, timeout: float) -> str:
+        return self.engine.update_adapter(name, path, timeout)
+
     def load_adapter(self, name: str, timeout: float) -> None:
-        self.engine.adapter_cache.load(name, False, timeout)
+        self.engine.adapter_cache.load(self.engine.versions.current(name), False, timeout)
 
     def unload_adapter(self, name: str) -> bool:
-        return self.engine.adapter_cache.unload(name)
+        """Unload the current version of `name` (refused while requests use it, or while a replaced
+        version still finishes requests) and drop its others."""
+        retiring = self.engine.versions.retired_of(name)
+        if retiring:
+            raise AdapterError(
+                name,
+                f"cannot unload: the replaced version(s) {', '.join(retiring)} still finish requests; retry after they finish",
+                code="adapter_in_use",
+            )
+        found = self.engine.adapter_cache.unload(self.engine.versions.current(name))
+        return bool(self.engine.forget_adapter(name)) or found

@@ -21,14 +21,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapter_cache.cache import AdapterCache
 from ..adapter_cache.sources import AdapterSources
+from ..adapter_cache.versions import AdapterVersions, public_name
 from ..config import Config
-from ..errors import AdapterNotFoundError, ConfigError, InvalidRequestError
+from ..errors import AdapterError, AdapterNotFoundError, ConfigError, InvalidRequestError
 from ..scheduler.block_manager import BlockAllocator
 from ..scheduler.prefix_cache import adapter_namespace, base_namespace
 from ..scheduler.request import Request
@@ -65,6 +67,10 @@ class _Track:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # since the last output
     # this step's draw with its logprobs (only for a request that asked), consumed by the finish check
     drawn: TokenLogprob | None = None
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,6 +111,7 @@ class Engine:
         tokenizer_future = load_tokenizer_in_background(model_dir)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.wake = threading.Event()  # set when an adapter finished loading (the step loop may proceed)
+        self.versions = AdapterVersions()  # adapter name -> the version key new requests get
         self.adapter_cache = AdapterCache(
             AdapterSources(dict(config.adapters), config.adapter_dir, config.allow_hub),
             base_shapes(self.spec, self.model_name),
@@ -178,6 +185,60 @@ class Engine:
         """The adapter that `model` names; None for the base model (None or the base model's name)."""
         return None if model is None or model == self.model_name else model
 
+    def version_of(self, model: str | None) -> str | None:
+        """The version key (adapter_cache/versions.py) new requests for `model` get; None for the base."""
+        adapter = self.adapter_of(model)
+        return None if adapter is None else self.versions.current(adapter)
+
+    def update_adapter(self, name: str, path: str, timeout: float) -> str:
+        """In-place update: load the PEFT directory `path` as a new version of the served adapter `name`
+        and make it the one new requests get; requests already admitted or queued finish on the version
+        they started with, whose slot and host copy are freed after the last of them. Returns the new
+        version key (the current one when `path` is what it already serves). A new version that fails
+        to load or validate raises its AdapterError and leaves the old one serving."""
+        cache, sources = self.adapter_cache, self.adapter_cache.sources
+        current = self.versions.current(name)
+        if current in sources.named and _same_dir(sources.named[current], path):
+            cache.load(current, wait=timeout)
+            return current
+        key = self.versions.new_key(name)
+        sources.named[key] = path
+        try:
+            if cache.load(key, wait=timeout)["tier"] == "loading":
+                raise AdapterError(
+                    name, f"the new version did not load within {timeout:g} s", code="adapter_load_timeout"
+                )
+        except BaseException as exc:
+            cache.unload(key)
+            sources.named.pop(key, None)
+            if isinstance(exc, AdapterError):  # say which name it was for and that nothing changed
+                error = type(exc)(name, f"the update was refused, version {current!r} keeps serving: {exc.message}")
+                error.code, error.status = exc.code, exc.status
+                raise error from exc
+            raise
+        old = self.versions.switch(name, key)
+        if old is not None:
+            self._free_version(old)
+        log.info("adapter %r updated in place: new requests get version %r", name, key)
+        return key
+
+    def forget_adapter(self, name: str) -> list[str]:
+        """Drop every version of `name` but the name itself (after an unload): their slots, host copies
+        and sources. Versions still finishing requests are freed when their last request ends."""
+        keys = self.versions.forget(name)
+        for key in keys:
+            self._free_version(key)
+        return keys
+
+    def _free_version(self, key: str) -> None:
+        """A retired version's last request ended: free its slot and host copy."""
+        try:
+            self.adapter_cache.unload(key)
+        except AdapterError:  # cannot happen once nothing uses it; never let it break a step
+            log.exception("freeing retired adapter version %r failed", key)
+        if key != public_name(key):
+            self.adapter_cache.sources.named.pop(key, None)
+
     def slot_of(self, model: str | None) -> int:
         """Device slot of a resident adapter (-1 for the base model); raises when it is not resident."""
         adapter = self.adapter_of(model)
@@ -210,7 +271,7 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
         """Token ids of `messages` through the chat template (the adapter's own when it ships one)."""
-        return self.text.chat_prompt(messages, self.adapter_of(adapter))
+        return self.text.chat_prompt(messages, self.version_of(adapter))
 
     def offload(self, mode: str) -> bool:
         """Idle offload (DeviceModel.offload), refused (False) while any request is admitted or waiting.
@@ -227,26 +288,35 @@ class Engine:
         adapter: str | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Validate and queue one request (thread-safe). Raises InvalidRequestError / AdapterError."""
+        """Validate and queue one request (thread-safe). Raises InvalidRequestError / AdapterError. The
+        request runs on the version of its adapter that is current now, to its end. `priority` > 0 is
+        background work (shadow runs), admitted only into spare capacity."""
         params = params or SamplingParams()
         ids = self.text.encode(prompt)
         self.info.check_request(len(ids), params.max_tokens)
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise InvalidRequestError(f"token ids must be in [0, {self.spec.vocab_size})", param="prompt")
-        adapter = self.adapter_of(adapter)
-        if adapter is not None:
-            error = self.adapter_cache.admission_error(adapter)
-            if error is not None:
-                raise error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracks:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        self._tracks[request_id] = _Track(
-            make_generator(params.seed), self.text.request_text(ids, params.stop)
-        )
-        request = Request(request_id, ids, params, adapter)
-        self.scheduler.add(request)
+        name = self.adapter_of(adapter)
+        key = None if name is None else self.versions.acquire(name)
+        try:
+            error = None if key is None else self.adapter_cache.admission_error(key)
+            if error is not None:
+                raise error
+            self._tracks[request_id] = _Track(
+                make_generator(params.seed), self.text.request_text(ids, params.stop)
+            )
+            request = Request(request_id, ids, params, key, priority=priority)
+            self.scheduler.add(request)
+        except BaseException:
+            self._tracks.pop(request_id, None)
+            if key is not None and self.versions.release(key):
+                self._free_version(key)
+            raise
         return request
 
     def abort(self, request_id: str) -> bool:
@@ -339,10 +409,13 @@ class Engine:
             num_prompt_tokens=len(r.prompt_token_ids),
             num_output_tokens=len(r.output_token_ids),
             num_cached_tokens=r.num_cached_tokens,
+            adapter_version=r.adapter,
         )
         t.new_token_ids, t.new_logprobs = [], []
         if r.is_finished:
             del self._tracks[r.request_id]
+            if r.adapter is not None and self.versions.release(r.adapter):
+                self._free_version(r.adapter)  # the last request of a replaced version: free its slot
         return out
 
     # ---- offline generation -------------------------------------------------------------------

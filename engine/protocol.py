@@ -31,6 +31,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)
+    # the adapter version that serves the request (`NAME`, or `NAME#2`... after in-place updates); None: base
+    adapter_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class AdapterRow:
 
     name: str
     tier: str  # device | host | loading | failed | disk
+    version: str | None = None  # the version new requests get (`NAME#2`... after in-place updates)
+    retiring: tuple[str, ...] = ()  # replaced versions still finishing their requests
 
 
 @dataclass
@@ -140,9 +144,11 @@ class EngineClient(Protocol):
         adapter: str | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; iterate its outputs until finished. Validation errors raise here. Closing the
-        iterator early aborts the request."""
+        iterator early aborts the request. It runs on the adapter version current at submission (each
+        output names it). `priority` > 0: background work (shadow runs), admitted into spare capacity."""
 
     def abort(self, request_id: str) -> bool: ...
 
@@ -166,7 +172,13 @@ class EngineClient(Protocol):
         Raises InvalidRequestError when `name` is taken by another path or an adapter-dir folder."""
 
     def unregister_adapter(self, name: str) -> bool:
-        """Forget an adapter registered by `register_adapter` (after unloading it)."""
+        """Forget an adapter registered by `register_adapter` (after unloading it), with its versions."""
+
+    def update_adapter(self, name: str, path: str, timeout: float) -> str:
+        """In-place update of the served adapter `name`: load and validate the PEFT directory `path` as
+        its new version (waiting up to `timeout` s) and route new requests to it; in-flight requests
+        finish on the old version, whose slot is freed after them. Returns the new version. Raises the
+        AdapterError of a failed load, leaving the old version serving."""
 
     def load_adapter(self, name: str, timeout: float) -> None:
         """Load `name` into the host tier (validated), waiting up to `timeout` s; raises AdapterError."""

@@ -29,6 +29,9 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None = base model
+    # 0 = normal traffic; larger = background work (shadow runs) that is admitted only when no normal
+    # request waits, holds at most half the seats, and is preempted first
+    priority: int = 0
     arrival: int = -1  # order of Scheduler.add(); larger = newer (preemption picks the largest)
     output_token_ids: list[int] = field(default_factory=list)
     state: RequestState = RequestState.WAITING

@@ -29,6 +29,11 @@ request is admitted within max_wait_steps + max_tokens steps. Why: from the step
 oldest starved request, nothing but X joins the running set, which empties within S steps; then the
 budget, max_num_seqs, max_active_adapters and the block pool all have room for X, and after D more
 steps so does residency. Each of the k older starved requests costs at most S + D steps the same way.
+
+Background requests (`priority` > 0: shadow runs) sit outside that bound and never weaken it: they are
+never counted as starved, are admitted only after every normal waiting request was admitted (none left
+waiting), hold at most half of max_num_seqs, and come last in the running order, so preemption takes
+them first. They may wait indefinitely under sustained load, which is what spare-capacity work means.
 """
 
 from __future__ import annotations
@@ -46,6 +51,14 @@ from .prefix_cache import extend_keys
 from .request import Request, RequestState
 
 FinishCheck = Callable[[Request], str | None]
+
+
+def _priority(r: Request) -> int:
+    return r.priority
+
+
+def _run_order(r: Request) -> tuple[int, int]:
+    return (r.priority, r.arrival)
 
 
 class Residency(Protocol):
@@ -183,7 +196,8 @@ class Scheduler:
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of those, tokens found cached (not computed again)
         self._waiting: deque[Request] = deque()  # preempted at the front, then arrival order
-        self._running: list[Request] = []  # oldest arrival first: preemption takes the last
+        # normal priority first, then oldest arrival first: preemption takes the last
+        self._running: list[Request] = []
         self._live: dict[str, Request] = {}  # waiting + running, by id
         self._aborted: list[Request] = []  # aborted since the last schedule(); running ones hold blocks
         self._failed: list[Request] = []  # failed outside a step since the last schedule()
@@ -412,7 +426,9 @@ class Scheduler:
             return False
         need = self.blocks.blocks_needed(r.num_tokens, len(r.block_table))
         while not self.blocks.can_allocate(need):
-            victim = self._running[-1]  # newest; never one already in this step (those are older than r)
+            # The last in run order (background first, then newest); never one already in this step:
+            # decodes are scheduled in run order, so those come before r.
+            victim = self._running[-1]
             self._preempt(victim, batch)
             if victim is r:
                 return False
@@ -426,8 +442,13 @@ class Scheduler:
         reserve = sum(1 for s in batch.seqs if s.want_logits and s.request.num_tokens % bs == 0)
         room = _Room(budget, reserve, {r.adapter for r in self._running if r.adapter is not None})
         changed = False
+        # Background requests are never "starved": they must not hold back normal admissions.
         starved = sorted(
-            (r for r in self._waiting if self._step - r.waiting_since >= self.max_wait_steps),
+            (
+                r
+                for r in self._waiting
+                if r.priority == 0 and self._step - r.waiting_since >= self.max_wait_steps
+            ),
             key=lambda r: r.waiting_since,
         )
         for r in starved:
@@ -435,9 +456,20 @@ class Scheduler:
             if self._try_admit(r, room, batch) is not _Verdict.ADMITTED and not r.is_finished:
                 break  # nothing overtakes a starved request: the running set drains until it fits
         else:
-            for r in [r for r in self._waiting if r.state is not RequestState.RUNNING]:
+            # Normal requests first (queue order), then background ones, only if no normal one is left
+            # waiting and within half the seats, so that they take spare capacity and nothing else.
+            queue = sorted((r for r in self._waiting if r.state is not RequestState.RUNNING), key=_priority)
+            seats = max(1, self.max_num_seqs // 2) - sum(r.priority > 0 for r in self._running)
+            normal_left = False
+            for r in queue:
+                if r.priority > 0 and (normal_left or seats <= 0):
+                    break
                 verdict = self._try_admit(r, room, batch)
                 changed = changed or verdict is _Verdict.ADMITTED or r.is_finished
+                if verdict is _Verdict.ADMITTED:
+                    seats -= r.priority > 0
+                elif r.priority == 0 and not r.is_finished:
+                    normal_left = True
                 if verdict is _Verdict.STOP:
                     break
         if changed:
@@ -476,7 +508,7 @@ class Scheduler:
         if r.adapter is not None:
             self.residency.pin(r.adapter)
             room.active.add(r.adapter)
-        bisect.insort(self._running, r, key=lambda q: q.arrival)
+        bisect.insort(self._running, r, key=_run_order)
         n = min(r.num_tokens - r.num_computed, room.budget, self.prefill_chunk_size)
         room.budget -= n
         if r.num_computed + n == r.num_tokens and r.num_tokens % self.blocks.block_size == 0:

@@ -5,7 +5,8 @@ health / readiness / info / metrics, and `serve()` (uvicorn with a graceful, dra
     create_app(None, build_engine=factory)    # build it in a thread at startup; /ready is 503 until then
 
 Routes: POST /v1/completions, /v1/chat/completions, /generate, /generate_stream, / (TGI compat),
-/v1/load_lora_adapter, /v1/unload_lora_adapter (admin); GET /v1/models, /v1/models/{model}, /info,
+/v1/load_lora_adapter, /v1/unload_lora_adapter (admin); GET /v1/routes, PUT / DELETE
+/v1/routes/{alias} (admin), GET /v1/routes/{alias}/shadow; GET /v1/models, /v1/models/{model}, /info,
 /health (alive: always 200), /ready (503 while loading or draining), /metrics (Prometheus text),
 /v1/status (the playground's status strip); the playground page: / and /playground (+ its files).
 """
@@ -41,6 +42,7 @@ from .metrics import CONTENT_TYPE
 from .models_api import get_model, list_models, load_adapter, unload_adapter
 from .openai_api import chat_completions, completions
 from .playground import asset, page, page_config, status
+from .routes_api import RoutesFile, delete_route, list_routes, put_route, route_shadow
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,14 @@ def create_app(
     served_model_name: str | None = None,
     max_queue: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    routes_file: str | None = None,
+    routes_poll_seconds: float = 1.0,
 ) -> Starlette:
     """The app. `engine` (an EngineClient, started at app startup and stopped at shutdown), or
     `build_engine` (called in a background thread at startup; `on_build_failure` hears if it raises).
     `api_keys` maps each key to its KeyPolicy (None: no auth). `max_queue` caps waiting requests (429
-    past it); `max_body_bytes` caps request bodies (413)."""
+    past it); `max_body_bytes` caps request bodies (413). `routes_file` holds the aliases (YAML or JSON,
+    re-read when it changes, polled every `routes_poll_seconds`; server/routes_api.py)."""
     state = ServerState(
         engine,
         auth=Authenticator(api_keys),
@@ -69,6 +74,8 @@ def create_app(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
     )
+    if routes_file is not None:
+        state.routes_file = RoutesFile(routes_file, routes_poll_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -82,10 +89,16 @@ def create_app(
                 name="loraplex-build",
                 daemon=True,
             ).start()
+        watcher = None
+        if isinstance(state.routes_file, RoutesFile):
+            watcher = asyncio.create_task(state.routes_file.watch(state))
         try:
             yield
         finally:
             state.begin_drain()
+            if watcher is not None:
+                watcher.cancel()
+            await state.shadows.close()
             if state.engine is not None:
                 await run_in_threadpool(state.engine.stop)
 
@@ -98,6 +111,10 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
+        Route("/v1/routes", list_routes, methods=["GET"]),
+        Route("/v1/routes/{alias:path}/shadow", route_shadow, methods=["GET"]),
+        Route("/v1/routes/{alias:path}", put_route, methods=["PUT"]),
+        Route("/v1/routes/{alias:path}", delete_route, methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/info", info, methods=["GET"]),

@@ -101,6 +101,7 @@ class Choice:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
     first_token_at: float | None = None
+    version: str | None = None  # the adapter version that serves it (None: the base model)
     started: bool = False  # its pump has begun iterating (so closing it aborts the request)
 
     @property
@@ -111,8 +112,12 @@ class Choice:
 class Job:
     """The engine requests (choices) of one HTTP request, merged into one stream of (choice, output)."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, adapter: str | None, label: str) -> None:
+    def __init__(
+        self, engine: EngineClient, metrics: ServerMetrics, adapter: str | None, label: str, call: Any = None
+    ) -> None:
         self.engine, self.metrics, self.adapter, self.label = engine, metrics, adapter, label
+        self.call = call  # the state.Call: told the version that served (headers, metrics)
+        self.shadow: Any = None  # a shadow.ShadowRun to tell how the primary ended
         self.arrival = time.perf_counter()
         self.choices: list[Choice] = []
         self._counted_prompts: list[Choice] = []  # one choice per distinct prompt (usage counts it once)
@@ -154,6 +159,10 @@ class Job:
         choice.logprobs.extend(out.new_logprobs or [])
         choice.num_output_tokens = out.num_output_tokens
         choice.num_cached_tokens = out.num_cached_tokens
+        if choice.version is None and out.adapter_version is not None:
+            choice.version = out.adapter_version
+            if self.call is not None and self.call.version is None:
+                self.call.version = out.adapter_version
         if out.new_token_ids and choice.first_token_at is None:
             choice.first_token_at = now
             self.metrics.request_running(choice.request_id)
@@ -166,6 +175,7 @@ class Job:
                 self.arrival,
                 choice.first_token_at,
                 choice.num_output_tokens,
+                (self.label, choice.version) if choice.version else None,
             )
         return choice, out
 
@@ -212,7 +222,13 @@ class Job:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
         usage = self.usage
-        self.metrics.count_usage(self.label, usage["prompt_tokens"], usage["completion_tokens"])
+        version = self.choices[0].version if self.choices else None
+        self.metrics.count_usage(self.label, usage["prompt_tokens"], usage["completion_tokens"], version)
+        if self.shadow is not None:
+            first = self.choices[0]
+            ok = first.finish_reason in ("stop", "length")
+            seconds = time.perf_counter() - self.arrival
+            self.shadow.primary_done((first.text, first.num_output_tokens, seconds) if ok else None)
 
 
 def finite_logprob(value: float) -> float:
@@ -228,8 +244,10 @@ class EventStream(StreamingResponse):
     """Server-sent events from an async iterator of strings. When the client disconnects, the
     iterator is closed (its `finally` aborts the job) and `on_end(499)` runs; else `on_end(200)`."""
 
-    def __init__(self, events: AsyncIterator[str], on_end: Callable[[int], None]) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    def __init__(
+        self, events: AsyncIterator[str], on_end: Callable[[int], None], extra_headers: dict[str, str] | None = None
+    ) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(extra_headers or {})}
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self._on_end = on_end
 

@@ -107,7 +107,7 @@ async def _generate(
         result: dict[str, Any] = {"generated_text": prefix + c.text}
         if req.details:
             result["details"] = details(c, with_tokens=True)
-        return JSONResponse([result] if as_list else result)
+        return JSONResponse([result] if as_list else result, headers=state.version_headers(call))
 
     first = await state.first_event(call, job, adapter)
 
@@ -139,7 +139,7 @@ async def _generate(
         finally:
             await job.close()
 
-    return EventStream(events(), state.stream_ended(call))
+    return EventStream(events(), state.stream_ended(call), state.version_headers(call))
 
 
 def _token(

@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ..errors import AdapterError, InvalidRequestError, LoraplexError
+from ..errors import AdapterError, AdapterNotFoundError, InvalidRequestError, LoraplexError
 from .errors import ModelNotFoundError, NotFoundError
 from .schemas import Fields
-from .state import Call, ServerState
+from .state import VERSION_HEADER, Call, ServerState
 
 LOAD_WAIT_SECONDS = 300.0
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/@:]{0,127}")
@@ -36,7 +36,18 @@ async def _model_cards(state: ServerState, call: Call) -> list[dict]:
     for row in rows:
         name = row.name
         if call.policy is not None and call.policy.may_use(name) and not state.is_base(name):
-            cards.append(_card(state, name, base, row.tier == "device", row.tier, max_len))
+            card = _card(state, name, base, row.tier == "device", row.tier, max_len)
+            card["version"] = row.version or name
+            if row.retiring:
+                card["retiring_versions"] = list(row.retiring)
+            cards.append(card)
+    for route in state.routes:  # aliases, with their current split (percent per version)
+        if call.policy is not None and call.policy.may_use(route.alias):
+            card = _card(state, route.alias, base, False, "alias", max_len)
+            card["split"] = route.split()
+            if route.shadow is not None:
+                card["shadow"] = {"version": route.shadow.version, "fraction": route.shadow.fraction}
+            cards = [c for c in cards if c["id"] != route.alias] + [card]  # an alias hides a same-named adapter
     return cards
 
 
@@ -79,7 +90,9 @@ async def get_model(request: Request) -> Response:
 # ---- adapter admin (vLLM shapes) ------------------------------------------------------------------
 async def load_adapter(request: Request) -> Response:
     """{"lora_name": NAME, "lora_path": DIR}: register DIR under NAME and load it (validated, on host;
-    a device slot follows at the next step). Without lora_path: load an already known adapter."""
+    a device slot follows at the next step). Without lora_path: load an already known adapter. With a
+    served NAME and another DIR: an in-place update (a new version of NAME; in-flight requests finish
+    on the old one; a new version that fails validation leaves the old one serving)."""
     state = _state(request)
 
     async def handler(call: Call, body: Any) -> Response:
@@ -94,6 +107,12 @@ async def load_adapter(request: Request) -> Response:
         if path is not None:
             if not Path(path).expanduser().is_dir():
                 raise _bad(f"lora_path {path!r} is not a directory", "lora_path")
+            if not isinstance(engine.admission_error(name), AdapterNotFoundError):  # served: update it
+                version = await run_in_threadpool(engine.update_adapter, name, path, LOAD_WAIT_SECONDS)
+                return PlainTextResponse(
+                    f"Success: LoRA adapter '{name}' updated in place; new requests get version '{version}'.",
+                    headers={VERSION_HEADER: version},
+                )
             registered = engine.register_adapter(name, path)
         try:
             await run_in_threadpool(engine.load_adapter, name, LOAD_WAIT_SECONDS)
@@ -116,6 +135,16 @@ async def unload_adapter(request: Request) -> Response:
         if not name:
             raise _bad("'lora_name' is required", "lora_name")
         engine = state.require_engine()
+        users = state.routes.users_of(name)
+        if users:
+            err = InvalidRequestError(
+                f"The lora adapter '{name}' is a version of the alias(es) {', '.join(users)}; "
+                "take it out of their routes first.",
+                param="lora_name",
+                code="adapter_in_route",
+            )
+            err.status = 409
+            raise err
         try:
             found = engine.unload_adapter(name)
         except AdapterError as exc:

@@ -13,7 +13,7 @@ from ..engine.protocol import EngineClient, RequestOutput
 from ..scheduler.sampling_params import SamplingParams
 from .generation import Choice, EventStream, finite_logprob, sse
 from .schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion
-from .state import Call, ServerState
+from .state import VERSION_HEADER, Call, ServerState
 
 
 async def completions(request: Request) -> Response:
@@ -39,7 +39,7 @@ def _params(
 # ---- completions ----------------------------------------------------------------------------------
 async def _completion(state: ServerState, call: Call, body: Any) -> Response:
     req: CompletionRequest = parse_completion(body)
-    adapter = state.resolve_model(call, req.model)
+    adapter = state.resolve_model(call, req.model, req.user)
     model = call.label
     prompts = [await state.encode(p) for p in req.prompts]
     params = _params(state, req.sampling, prompts[0], req.logprobs)
@@ -47,12 +47,23 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
         state.check_fits(ids, params.max_tokens)
     job, rid = await state.start_job(call, adapter, prompts, params, req.sampling.n, "cmpl")
     engine = state.require_engine()
+
+    def fingerprint() -> str:  # the adapter version that served (known once the first output came)
+        return state.version_headers(call)[VERSION_HEADER]
+
     n = req.sampling.n
     echoes = [(p if isinstance(p, str) else engine.decode(p)) if req.echo else "" for p in req.prompts]
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+        out = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": fingerprint(),
+            "choices": choices,
+        }
         if req.sampling.include_usage or usage is not None:
             out["usage"] = usage
         return out
@@ -66,7 +77,7 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
             choices.append(
                 {"index": c.index, "text": echo + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
             )
-        return JSONResponse(chunk(choices, job.usage))
+        return JSONResponse(chunk(choices, job.usage), headers=state.version_headers(call))
 
     first = await state.first_event(call, job, adapter)
 
@@ -117,7 +128,7 @@ async def _completion(state: ServerState, call: Call, body: Any) -> Response:
         finally:
             await job.close()
 
-    return EventStream(events(), state.stream_ended(call))
+    return EventStream(events(), state.stream_ended(call), state.version_headers(call))
 
 
 def _completion_logprobs(engine: EngineClient, entries: list[tuple], offset: int) -> dict:
@@ -135,7 +146,7 @@ def _completion_logprobs(engine: EngineClient, entries: list[tuple], offset: int
 # ---- chat -----------------------------------------------------------------------------------------
 async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     req: ChatRequest = parse_chat(body)
-    adapter = state.resolve_model(call, req.model)
+    adapter = state.resolve_model(call, req.model, req.user)
     model = call.label
     ids = await state.chat_ids(req.messages, adapter)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -144,12 +155,16 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     engine = state.require_engine()
     created = int(time.time())
 
+    def fingerprint() -> str:  # the adapter version that served (known once the first output came)
+        return state.version_headers(call)[VERSION_HEADER]
+
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
         out = {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
+            "system_fingerprint": fingerprint(),
             "choices": choices,
         }
         if req.sampling.include_usage or usage is not None:
@@ -164,9 +179,10 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
             "object": "chat.completion",
             "created": created,
             "model": model,
+            "system_fingerprint": fingerprint(),
             "choices": choices,
         }
-        return JSONResponse({**body, "usage": job.usage})
+        return JSONResponse({**body, "usage": job.usage}, headers=state.version_headers(call))
 
     first = await state.first_event(call, job, adapter)
 
@@ -213,7 +229,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
         finally:
             await job.close()
 
-    return EventStream(events(), state.stream_ended(call))
+    return EventStream(events(), state.stream_ended(call), state.version_headers(call))
 
 
 def _chat_choice(c: Choice, engine: EngineClient, logprobs: bool) -> dict:

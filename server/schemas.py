@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI and LoRAX APIs, parsed by hand into small dataclasses.
 
 Every type or range error is an InvalidRequestError (400) naming the field, e.g. `'max_tokens' must
-be an integer >= 1`. Unknown fields are ignored (clients send extras such as `user`); fields whose
+be an integer >= 1`. Unknown fields are ignored (clients send extras); `user` is read as the sticky-routing subject of an alias; fields whose
 meaning we would silently drop (tools, logit_bias, best_of > n...) are refused instead.
 """
 
@@ -149,6 +149,7 @@ class CompletionRequest:
     echo: bool
     logprobs: int | None
     sampling: Sampling
+    user: str | None = None  # the end user: the sticky-routing subject of an alias
 
 
 def parse_completion(body: Any) -> CompletionRequest:
@@ -166,7 +167,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     if echo and logprobs is not None:
         raise bad_field("echo", "with logprobs is not supported (prompt logprobs are not computed)")
     f.refuse("suffix", "is not supported", (None, ""))
-    return CompletionRequest(f.string("model"), prompts, echo, logprobs, sampling)
+    return CompletionRequest(f.string("model"), prompts, echo, logprobs, sampling, f.string("user"))
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -202,6 +203,7 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int | None
     sampling: Sampling
+    user: str | None = None  # the end user: the sticky-routing subject of an alias
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -220,7 +222,7 @@ def parse_chat(body: Any) -> ChatRequest:
     fmt = f.obj("response_format")
     if fmt is not None and fmt.string("type", "text") != "text":
         raise bad_field("response_format.type", "is not supported (only 'text')")
-    return ChatRequest(f.string("model"), messages, logprobs, top, sampling)
+    return ChatRequest(f.string("model"), messages, logprobs, top, sampling, f.string("user"))
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

@@ -7,12 +7,13 @@ imports torch nor reaches into the engine's parts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -31,7 +32,17 @@ from .errors import (
 )
 from .generation import Choice, ClientGone, EventStream, Job, read_json, until_disconnect
 from .metrics import ServerMetrics
+from .routes import RouteError, RouteTable
 from .schemas import MAX_SEED
+from .shadow import ShadowRunner
+
+
+class RoutesFileLike(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+SUBJECT_HEADER = "x-loraplex-subject"
+VERSION_HEADER = "X-Loraplex-Adapter-Version"
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +57,9 @@ class Call:
     request: Request
     endpoint: str
     policy: KeyPolicy | None = None  # set once authenticated
-    label: str = ""  # the resolved model name, for metrics ("" until resolved)
+    label: str = ""  # the resolved model name (an alias, not its version), for metrics ("" until resolved)
+    shadow: str | None = None  # the candidate version a sampled request of an alias also runs on
+    version: str | None = None  # the adapter version that served it (from the engine's first output)
 
 
 class ServerState:
@@ -68,7 +81,12 @@ class ServerState:
         self.load_error: str | None = None
         self.started_at = int(time.time())
         self.on_fatal: Callable[[BaseException], None] | None = None  # the engine failed to build
-        self.metrics = ServerMetrics(lambda: self.engine, self.status)
+        # Aliases (server/routes.py): replaced whole, in one assignment, so a request sees one table.
+        self.routes = RouteTable()
+        self.routes_lock = asyncio.Lock()  # PUT / DELETE read-modify-write the table one at a time
+        self.routes_file: RoutesFileLike | None = None  # --routes (server/routes_api.py RoutesFile)
+        self.shadows = ShadowRunner()
+        self.metrics = ServerMetrics(lambda: self.engine, self.status, self.shadows)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
@@ -112,18 +130,22 @@ class ServerState:
             body = await read_json(request, self.max_body_bytes) if read_body else None
             response = await handler(call, body)
         except ClientGone:
-            self.metrics.count_request(endpoint, call.label, 499)
+            self.metrics.count_request(endpoint, call.label, 499, call.version)
             return Response(status_code=499)
         except Exception as exc:
             err = to_loraplex_error(exc)
-            self.metrics.count_request(endpoint, call.label, err.status)
+            self.metrics.count_request(endpoint, call.label, err.status, call.version)
             return error_response(err, tgi=tgi_errors)
         if not isinstance(response, EventStream):
-            self.metrics.count_request(endpoint, call.label, response.status_code)
+            self.metrics.count_request(endpoint, call.label, response.status_code, call.version)
         return response
 
     def stream_ended(self, call: Call) -> Callable[[int], None]:
-        return lambda status: self.metrics.count_request(call.endpoint, call.label, status)
+        return lambda status: self.metrics.count_request(call.endpoint, call.label, status, call.version)
+
+    def version_headers(self, call: Call) -> dict[str, str]:
+        """X-Loraplex-Adapter-Version: the adapter version that served (the base model's name for it)."""
+        return {VERSION_HEADER: call.version or self.base_name}
 
     def require_engine(self) -> EngineClient:
         if self.draining:
@@ -137,13 +159,32 @@ class ServerState:
         return self.engine
 
     # ---- model names --------------------------------------------------------------------------------
-    def resolve_model(self, call: Call, name: str | None) -> str | None:
-        """The adapter to use for `model` (None = the base model). Unknown and not-allowed names get the
-        same 404; a known adapter whose last load failed gets that failure (e.g. 422)."""
+    def resolve_model(self, call: Call, name: str | None, subject: str | None = None) -> str | None:
+        """The adapter to use for `model` (None = the base model). An alias routes to one of its
+        versions (sticky for `subject` or the X-Loraplex-Subject header, which wins), and may sample a
+        shadow run. Unknown and not-allowed names get the same 404; a known adapter whose last load
+        failed gets that failure (e.g. 422)."""
         engine = self.require_engine()
         name = self.base_name if name is None else name
         if not name or call.policy is None or not call.policy.may_use(name):
             raise ModelNotFoundError(name)
+        route = self.routes.get(name)
+        if route is not None:  # a key allowed the alias is served its versions without naming them
+            call.label = name
+            version = route.choose(call.request.headers.get(SUBJECT_HEADER) or subject)
+            if route.shadow is not None and route.wants_shadow():
+                call.shadow = route.shadow.version
+            if self.is_base(version):
+                return None
+            error = engine.admission_error(version)
+            if isinstance(error, AdapterNotFoundError):
+                raise ServiceUnavailableError(
+                    f"The alias '{name}' routes to '{version}', which is no longer served: {error.message}",
+                    code="route_target_missing",
+                )
+            if error is not None:
+                raise error
+            return version
         if self.is_base(name):
             call.label = self.base_name
             return None
@@ -154,6 +195,29 @@ class ServerState:
             raise error
         call.label = name
         return name
+
+    def check_routes(self, table: RouteTable, aliases: set[str] | None = None) -> None:
+        """RouteError unless each route of `table` (those of `aliases` only, when given) has a free alias
+        and names only versions served now (so a route to a missing adapter fails when it is set, not
+        at request time). May touch the disk."""
+        engine = self.require_engine()
+        for route in table:
+            if aliases is not None and route.alias not in aliases:
+                continue
+            if self.is_base(route.alias):
+                raise RouteError(f"alias '{route.alias}' is the base model's name")
+            if table.users_of(route.alias):
+                raise RouteError(
+                    f"alias '{route.alias}' is a version in the route(s) {', '.join(table.users_of(route.alias))}"
+                )
+            for version in sorted(route.names()):
+                if self.is_base(version):
+                    continue
+                if version in table:
+                    raise RouteError(f"route '{route.alias}': '{version}' is an alias, not an adapter version")
+                error = engine.admission_error(version)
+                if error is not None:
+                    raise RouteError(f"route '{route.alias}': version '{version}' cannot serve: {error.message}")
 
     # ---- prompts ------------------------------------------------------------------------------------
     async def encode(self, prompt: str | list[int]) -> list[int]:
@@ -206,7 +270,7 @@ class ServerState:
                 f"The server queue is full ({waiting} waiting, limit {self.max_queue}); retry shortly."
             )
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        job = Job(engine, self.metrics, adapter, call.label)
+        job = Job(engine, self.metrics, adapter, call.label, call)
         try:
             for ids in prompts:
                 for j in range(n):
@@ -214,6 +278,11 @@ class ServerState:
                     if params.seed is not None and j:
                         p = replace(params, seed=(params.seed + j) % MAX_SEED)
                     await job.submit(ids, p, f"{response_id}-{len(job.choices)}", first_of_prompt=j == 0)
+            # The first prompt's first choice also runs on the candidate, unless the queue is half full
+            # (waiting shadow runs count against --max-queue, and must never cost real requests a 429).
+            if call.shadow is not None and (self.max_queue is None or 2 * engine.num_waiting < self.max_queue):
+                candidate = None if self.is_base(call.shadow) else call.shadow
+                job.shadow = self.shadows.start(engine, call.label, call.shadow, candidate, prompts[0], params)
             await job.start()
         except BaseException:
             await job.close()

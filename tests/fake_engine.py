@@ -57,6 +57,8 @@ class FakeEngine:
         self.started = self.stopped = False
         self.submitted: list[tuple[list[int], str | None, SamplingParams]] = []
         self.aborted: list[str] = []
+        self.priorities: list[int] = []  # of each submitted request
+        self.versions: dict[str, str] = {}  # name -> version key after in-place updates
         self.waiting = 0  # what num_waiting reports (set by tests)
         self.seen_prompts: list[tuple[str | None, list[int]]] = []  # the fake prefix cache
         self.prefix_queries = self.prefix_hits = 0
@@ -94,6 +96,7 @@ class FakeEngine:
         adapter: str | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         params = params or SamplingParams()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -103,8 +106,10 @@ class FakeEngine:
             if error is not None:
                 raise error
         self.submitted.append((ids, adapter, params))
+        self.priorities.append(priority)
         cached = self._cached_prefix(adapter, ids)
-        return self._run(request_id or f"fake-{next(self._ids)}", ids, adapter, params, cached)
+        version = None if adapter is None else self.versions.get(adapter, adapter)
+        return self._run(request_id or f"fake-{next(self._ids)}", ids, version, params, cached)
 
     def _cached_prefix(self, adapter: str | None, ids: list[int]) -> int:
         """The real engine's rule on a simple model: whole blocks of the longest prefix shared with an
@@ -135,22 +140,22 @@ class FakeEngine:
                 last = i == len(text) - 1
                 if ch in params.stop:  # the fake matches one-character stop strings only
                     done = True
-                    yield self._out(request_id, token, "", True, "stop", ids, i + 1, params, cached)
+                    yield self._out(request_id, token, "", True, "stop", ids, i + 1, params, cached, adapter)
                     return
                 done = last
                 yield self._out(
-                    request_id, token, ch, last, "length" if last else None, ids, i + 1, params, cached
+                    request_id, token, ch, last, "length" if last else None, ids, i + 1, params, cached, adapter
                 )
         finally:
             if not done:
                 self.aborted.append(request_id)
 
-    def _out(self, rid, token, text, finished, reason, ids, n, params, cached=0) -> RequestOutput:
+    def _out(self, rid, token, text, finished, reason, ids, n, params, cached=0, version=None) -> RequestOutput:
         logprobs = None
         if params.logprobs is not None:
             top = [(token, -0.5), (token + 1, -1.5), (token + 2, -2.5)][: params.logprobs]
             logprobs = [(token, -0.5, top)]
-        return RequestOutput(rid, [token], text, finished, reason, None, logprobs, len(ids), n, cached)
+        return RequestOutput(rid, [token], text, finished, reason, None, logprobs, len(ids), n, cached, version)
 
     def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
@@ -203,7 +208,7 @@ class FakeEngine:
         rows = []
         for name in sorted(self.adapters):
             tier = "failed" if name in self.broken else ("device" if name in self.loaded else "disk")
-            rows.append(AdapterRow(name, tier))
+            rows.append(AdapterRow(name, tier, self.versions.get(name, name)))
         return rows
 
     def register_adapter(self, name: str, path: str) -> bool:
@@ -222,6 +227,18 @@ class FakeEngine:
         self.registered.discard(name)
         self.adapters.pop(name, None)
         return True
+
+    def update_adapter(self, name: str, path: str, timeout: float) -> str:
+        """A new version NAME#n (its text differs); a path whose folder is named 'broken' fails."""
+        if Path(path).name == "broken":
+            raise AdapterError(name, "adapter_config.json is not valid JSON")
+        current = self.versions.get(name, name)
+        if Path(self.adapters[name]).resolve() == Path(path).resolve():
+            return current
+        self.adapters[name] = path
+        n = int(current.rsplit("#", 1)[1]) + 1 if "#" in current else 2
+        self.versions[name] = f"{name}#{n}"
+        return self.versions[name]
 
     def load_adapter(self, name: str, timeout: float) -> None:
         error = self.admission_error(name)

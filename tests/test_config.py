@@ -51,6 +51,8 @@ ENV_VALUES = {
     "api_key": ("k", "k"),
     "api_keys_file": ("/keys.json", "/keys.json"),
     "max_queue": ("12", 12),
+    "routes": ("/routes.yaml", "/routes.yaml"),
+    "routes_poll_seconds": ("0.5", 0.5),
     "max_body_bytes": ("2048", 2048),
     "shutdown_grace_seconds": ("5", 5.0),
     "log_level": ("debug", "debug"),

@@ -421,3 +421,35 @@ def test_generated_html_is_shown_as_text(script_server, watched, tmp_path):
     assert page.locator("#columns script, #columns img, #model-list img").count() == 0
     assert page.evaluate("document.scripts.length") == 1  # playground.js only
     assert watched.dialogs == [] and watched.errors == []
+
+
+@needs_browser
+def test_alias_shows_its_split_and_the_version_that_answered(main_server, watched):
+    """An alias is listed with an 'alias' badge whose title is its split; the column of a run shows
+    the version that answered (from X-Loraplex-Adapter-Version)."""
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.put(main_server.url + "/v1/routes/support", json={"versions": {"a1": 100, "a2": 0}}, headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    try:
+        page = watched.page
+        page.goto(main_server.url + "/")
+        page.fill("#key-input", ADMIN)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_function("() => document.querySelector('#model-list input[value=\"support\"]') !== null")
+        badge = page.locator('#model-list li:has(input[value="support"]) .badge')
+        assert badge.text_content() == "alias" and badge.get_attribute("title") == "alias: a1 100%, a2 0%"
+        page.check('#model-list input[value="support"]')
+        page.check('#model-list input[value="a0"]')
+        page.fill("#prompt", PROMPT)
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", str(MAX_TOKENS))
+        run_and_wait(page, 2)
+        stats = page.text_content('#columns .column[data-model="support"] .stats')
+        assert "version" in stats and "a1" in stats, stats
+        assert "a0" in page.text_content('#columns .column[data-model="a0"] .stats')
+        api = client(main_server)
+        ref = api.chat.completions.create(model="a1", messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, temperature=0)
+        assert column_texts(page)["support"] == ref.choices[0].message.content
+        assert watched.errors == [] and watched.dialogs == []
+    finally:
+        httpx.delete(main_server.url + "/v1/routes/support", headers=headers, timeout=30)

@@ -315,8 +315,9 @@ def test_load_and_unload_adapter(client, fake, tmp_path):
     assert "new" in fake.loaded and "new" in fake.registered
     assert post(client, "/v1/completions", {"model": "new", "prompt": "hi"}).status_code == 200
     assert post(client, "/v1/load_lora_adapter", load).status_code == 200  # same path again: fine
-    other = {"lora_name": "new", "lora_path": str(tmp_path)}
-    openai_error(post(client, "/v1/load_lora_adapter", other), 400, "lora_name")
+    other = {"lora_name": "new", "lora_path": str(tmp_path)}  # another path: an in-place update
+    r = post(client, "/v1/load_lora_adapter", other)
+    assert r.status_code == 200 and r.headers["x-loraplex-adapter-version"] == "new#2", r.text
     openai_error(post(client, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}), 400, "lora_path")
     openai_error(post(client, "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "."}), 400, "lora_name")
     openai_error(post(client, "/v1/load_lora_adapter", {"lora_name": "../x"}), 400, "lora_name")

@@ -122,12 +122,20 @@ function renderModels() {
       box.disabled = full && !checked;
       box.addEventListener("change", () => toggleModel(model.id, box.checked));
       const tier = modelTier(model);
-      const badge = el("span", { class: `badge tier-${tier}`, title: tierTitle(tier) }, tier);
+      const title = tier === "alias" ? aliasTitle(model) : tierTitle(tier);
+      const badge = el("span", { class: `badge tier-${tier}`, title }, tier);
       const name = el("span", { class: "model-name", title: model.id }, model.id);
       const row = el("label", { class: "model-row" }, box, name, badge);
       return el("li", { class: checked ? "picked" : "" }, row);
     }),
   );
+}
+
+// An alias routes to weighted versions: its badge's title shows the split (and the shadow, if any).
+function aliasTitle(model) {
+  const split = Object.entries(model.split || {}).map(([version, pct]) => `${version} ${pct}%`);
+  const shadow = model.shadow ? ` · shadow ${model.shadow.version} ${Math.round(model.shadow.fraction * 100)}%` : "";
+  return `alias: ${split.join(", ")}${shadow}`;
 }
 
 function tierTitle(tier) {
@@ -196,6 +204,7 @@ class Column {
       ["tok/s", values.rate],
       ["tokens", values.tokens],
       ["finish", values.finish],
+      ["version", values.version],
     ];
     this.stats.replaceChildren(
       ...items.map(([name, value]) => el("div", {}, el("dt", {}, name), el("dd", {}, value ?? "–"))),
@@ -281,7 +290,7 @@ function stopComparison() {
 async function streamInto(column, request, signal) {
   column.reset();
   const started = performance.now();
-  const run = { first: null, last: null, chunks: 0, usage: null, finish: null, started };
+  const run = { first: null, last: null, chunks: 0, usage: null, finish: null, started, version: null };
   let response;
   try {
     response = await api(request.path, {
@@ -294,6 +303,8 @@ async function streamInto(column, request, signal) {
       column.fail(await errorMessage(response));
       return;
     }
+    // Which adapter version answered (an alias picks one of its versions per request).
+    run.version = response.headers.get("X-Loraplex-Adapter-Version");
     for await (const data of sseEvents(response.body)) {
       if (data === "[DONE]") continue; // the server closes the stream right after
       handleEvent(column, run, JSON.parse(data));
@@ -379,6 +390,7 @@ function showStats(column, run) {
       ? `${run.chunks} out…`
       : undefined;
   if (run.finish) values.finish = run.finish;
+  if (run.version) values.version = run.version;
   column.setStats(values);
 }
 
