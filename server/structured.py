@@ -7,7 +7,8 @@ Accepted (at most one per request; each error names its parameter):
   {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}
 - vLLM `structured_outputs`: {"json" | "regex" | "choice" | "grammar" | "json_object"}, and the older
   `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`
-- OpenAI `tools` + `tool_choice` (chat): a named function, or "required" (one or more calls)
+- OpenAI `tools` + `tool_choice` (chat): a named function, or "required" (one or more calls; one with
+  `parallel_tool_calls: false`)
 - LoRAX `parameters.response_format`: {"type": "json_object", "schema": {...}}
 """
 
@@ -157,7 +158,12 @@ def parse_tools(data: dict[str, Any]) -> ToolChoice | None:
             }
             for name, schema in params.items()
         ]
-        schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        parallel = data.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise bad_field("parallel_tool_calls", "must be a boolean")
+        if not parallel:  # OpenAI's switch for at most one call per reply
+            schema["maxItems"] = 1
         return ToolChoice("required", tuple(params), StructuredOutput.json_schema(schema, "tools"))
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("function"), dict):
         raise bad_field(
