@@ -34,7 +34,7 @@ from ..scheduler.prefix_cache import adapter_namespace, base_namespace
 from ..scheduler.request import Request
 from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.scheduler import Batch, Scheduler
-from .grammar import GrammarCache, GrammarState, apply_grammar_masks
+from .grammar import GrammarCache, GrammarState
 from .loader import DTYPES, base_shapes, load_hf_config, resolve_model_dir
 from .model import CausalLM, ModelSpec
 from .offload import DeviceModel
@@ -297,7 +297,7 @@ class Engine:
         rows = [s.request for s in batch.seqs if s.want_logits]
         tracks = [self._tracks[r.request_id] for r in rows]
         # grammar masks first: penalties, filters and the draw then only see allowed tokens
-        apply_grammar_masks(logits, [t.grammar for t in tracks])
+        self.grammars.apply_masks(logits, [t.grammar for t in tracks])
         sampled = sample_batch(
             logits,
             [r.params for r in rows],

@@ -3,7 +3,7 @@ canonical text), give each sequence its own matcher, and mask a step's logits to
 
     compile:  GrammarCache.submit(spec) -> Future[CompiledGrammar]   (a worker thread; cached, deduplicated)
     request:  GrammarCache.matcher(compiled) -> GrammarState           (one per sequence: n > 1 gets n)
-    step:     apply_grammar_masks(logits, rows, states)                (in place, before penalties and sampling)
+    step:     GrammarCache.apply_masks(logits, states)                 (in place, before penalties and sampling)
     finish:   GrammarState.accept(token) after the token is appended; EOS is allowed once the grammar is complete
 
 xgrammar is imported on the first structured request only (it costs ~1 s of imports), in the compile
@@ -21,11 +21,12 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
@@ -89,7 +90,7 @@ class GrammarState:
             return False
         bitmask = torch.zeros((1, self._not_stop.shape[0]), dtype=torch.int32)
         self.matcher.fill_next_token_bitmask(bitmask, 0)
-        return not bool((bitmask[0] & self._not_stop).any())
+        return not bool((bitmask.numpy()[0] & self._not_stop.numpy()).any())
 
 
 class GrammarCache:
@@ -99,7 +100,7 @@ class GrammarCache:
         self,
         get_tokenizer: Callable[[], Any | None],
         vocab_size: int,  # the lm_head's rows (may exceed the tokenizer's vocabulary: padding)
-        stop_token_ids: Sequence[int],
+        stop_token_ids: Iterable[int],
         capacity: int = 256,
     ) -> None:
         self._get_tokenizer = get_tokenizer
@@ -114,6 +115,7 @@ class GrammarCache:
         self._compiler: Any = None  # xgrammar.GrammarCompiler, built in the pool on first use
         self._not_stop: torch.Tensor | None = None
         self._json_mask: torch.Tensor | None = None
+        self._bitmask: torch.Tensor | None = None  # reused by apply_masks, step after step
 
     def submit(self, spec: StructuredOutput) -> Future[Any]:
         """The compiled grammar of `spec`: done at once from the cache, else compiling in the worker
@@ -176,6 +178,46 @@ class GrammarCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the step (the step loop's thread only) ---------------------------------------------------
+    def apply_masks(
+        self,
+        logits: torch.Tensor,  # [B, vocab] the step's logits of the sampled rows; masked in place
+        states: Sequence[GrammarState | None],  # per row; None = unconstrained (costs nothing)
+    ) -> None:
+        """Set every logit a row's grammar forbids to -inf. Only constrained rows are filled and masked.
+
+        Bit work goes through numpy views (single-threaded, no per-op thread start-up): on a loaded
+        2-core machine a handful of small torch ops per step cost more than the matchers themselves."""
+        rows = [i for i, s in enumerate(states) if s is not None]
+        if not rows:
+            return
+        import xgrammar as xgr
+
+        batch, vocab = logits.shape
+        if self._bitmask is None or self._bitmask.shape[0] < batch or self._bitmask.shape[1] * 32 < vocab:
+            self._bitmask = xgr.allocate_token_bitmask(max(batch, 64), vocab)  # [rows, ceil(vocab / 32)] int32
+        bitmask = self._bitmask[:batch]  # rows not filled below are never applied (indices=rows)
+        narrow: list[int] = []  # rows whose grammar mask is narrowed further (JSON: no raw control bytes)
+        for i in rows:
+            state = states[i]
+            assert state is not None
+            state.matcher.fill_next_token_bitmask(bitmask, i)
+            if state.also is not None:
+                narrow.append(i)
+        if narrow:  # one AND for all of them (every JSON row shares the same `also`)
+            also = states[narrow[0]].also
+            assert also is not None
+            words = bitmask.numpy()
+            grammar_mask = words[narrow]  # [N, W]
+            narrowed = grammar_mask & also.numpy()
+            # never narrow to nothing: the grammar's own mask then stands
+            words[narrow] = np.where(narrowed.any(axis=1, keepdims=True), narrowed, grammar_mask)
+        if logits.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+        else:
+            device_mask = bitmask.to(logits.device, non_blocking=True)
+            xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=vocab, indices=rows)
 
     # ---- the worker thread ----------------------------------------------------------------------
     def _compile(self, spec: StructuredOutput) -> Any:
@@ -265,29 +307,3 @@ def _ebnf_literal(text: str) -> str:
 def _clean(message: str) -> str:
     lines = [_CPP_PREFIX.sub("", line).strip() for line in message.strip().splitlines()]
     return " ".join(line for line in lines if line)
-
-
-def apply_grammar_masks(
-    logits: torch.Tensor,  # [B, vocab] the step's logits of the sampled rows; masked in place
-    states: Sequence[GrammarState | None],  # per row; None = unconstrained (costs nothing)
-) -> None:
-    """Set every logit the row's grammar forbids to -inf. Only constrained rows get a bitmask row."""
-    rows = [i for i, s in enumerate(states) if s is not None]
-    if not rows:
-        return
-    import xgrammar as xgr
-
-    vocab = logits.shape[1]
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)  # [B, ceil(vocab / 32)] int32, all allowed
-    for i in rows:
-        state = states[i]
-        assert state is not None
-        state.matcher.fill_next_token_bitmask(bitmask, i)
-        if state.also is not None:
-            narrowed = bitmask[i] & state.also
-            if bool(narrowed.any()):  # never narrow to nothing: the grammar's own mask then stands
-                bitmask[i] = narrowed
-    if logits.device.type == "cpu":
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
-    else:
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab, indices=rows)

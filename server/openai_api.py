@@ -194,9 +194,9 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
                     )
                     if parsers:
                         for call in parsers[c.index].feed(out.new_text):
-                            delta = {"tool_calls": [call]}
+                            calls = {"tool_calls": [call]}
                             yield sse(
-                                chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                                chunk([{"index": c.index, "delta": calls, "logprobs": lp, "finish_reason": None}])
                             )
                             lp = None
                     elif out.new_text or (lp and lp["content"]):

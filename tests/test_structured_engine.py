@@ -19,7 +19,7 @@ from tiny_models import save_peft_adapter, save_tiny_model
 from loraplex.config import Config
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import Engine
-from loraplex.engine.grammar import apply_grammar_masks
+from loraplex.engine.grammar import GrammarCache
 from loraplex.engine.runner import ModelRunner
 from loraplex.errors import InvalidRequestError
 from loraplex.scheduler.sampling_params import SamplingParams
@@ -173,7 +173,7 @@ def test_sampled_json_is_valid_for_32_schemas(engine):
     adapters = [[None, "a0", "a1", "a2"][i % 4] for i in range(len(cases))]
     results = engine.generate(["hello world"] * len(cases), adapters, params)
     stopped = 0
-    for (schema, seed), result in zip(cases, results, strict=True):
+    for (schema, _), result in zip(cases, results, strict=True):
         if result.finish_reason == "stop":
             stopped += 1
             jsonschema.validate(json.loads(result.text), schema, format_checker=jsonschema.FormatChecker())
@@ -244,7 +244,7 @@ def test_preemption_keeps_matchers_consistent(world):
 def test_unconstrained_rows_are_untouched():
     logits = torch.randn(3, 100)
     before = logits.clone()
-    apply_grammar_masks(logits, [None, None, None])
+    GrammarCache(lambda: None, 100, []).apply_masks(logits, [None, None, None])
     assert torch.equal(logits, before)
 
 
