@@ -32,6 +32,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..scheduler.structured_output import StructuredOutput
 
+COMPILE_THREADS = 2
 COMPILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+?:\d+: ")  # "[06:29:51] /project/cpp/x.cc:94: " before messages
 
@@ -111,7 +112,9 @@ class GrammarCache:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future[Any]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
+        # two workers: one slow compile does not hold up a different schema queued behind it
+        self._pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
+        self._compiler_lock = threading.Lock()
         self._compiler: Any = None  # xgrammar.GrammarCompiler, built in the pool on first use
         self._not_stop: torch.Tensor | None = None
         self._json_mask: torch.Tensor | None = None
@@ -199,15 +202,15 @@ class GrammarCache:
             self._bitmask = xgr.allocate_token_bitmask(max(batch, 64), vocab)  # [rows, ceil(vocab / 32)] int32
         bitmask = self._bitmask[:batch]  # rows not filled below are never applied (indices=rows)
         narrow: list[int] = []  # rows whose grammar mask is narrowed further (JSON: no raw control bytes)
+        also: torch.Tensor | None = None
         for i in rows:
             state = states[i]
             assert state is not None
             state.matcher.fill_next_token_bitmask(bitmask, i)
             if state.also is not None:
                 narrow.append(i)
-        if narrow:  # one AND for all of them (every JSON row shares the same `also`)
-            also = states[narrow[0]].also
-            assert also is not None
+                also = state.also  # every JSON row shares the same one
+        if also is not None:  # one AND for all of them
             words = bitmask.numpy()
             grammar_mask = words[narrow]  # [N, W]
             narrowed = grammar_mask & also.numpy()
@@ -236,6 +239,8 @@ class GrammarCache:
             raise InvalidRequestError(
                 f"'{spec.param}' is invalid: {_clean(str(exc))}", param=spec.param, code="invalid_structured_output"
             ) from exc
+        if spec.kind in ("json_schema", "json_object"):
+            self._json_text_mask(compiled)  # built once, here rather than in the caller's thread
         seconds = time.perf_counter() - t0
         with self._lock:
             self.stats.observe_compile(seconds)
@@ -259,6 +264,10 @@ class GrammarCache:
         return compiler.compile_grammar(spec.spec)
 
     def _xgrammar_compiler(self, param: str) -> Any:
+        with self._compiler_lock:
+            return self._compiler or self._build_compiler(param)
+
+    def _build_compiler(self, param: str) -> Any:
         if self._compiler is None:
             import xgrammar as xgr
 
