@@ -111,6 +111,12 @@ class Config:
         "host: keep host copies of the weights and adapters (fast wake-up); drop: keep nothing",
         choices=IDLE_OFFLOAD_MODES,
     )
+    structured_output_compile_timeout: float = _opt(
+        10.0,
+        "seconds a structured output's grammar may take to compile; a request whose compile runs over fails "
+        "with a 400 (the compile finishes in the background and is cached)",
+    )
+    structured_output_cache_size: int = _opt(256, "compiled grammars kept (LRU, keyed by the canonical schema)")
     cache_dir: str | None = _opt(
         None, "where the converted default model and its demo adapters live (default: ~/.cache/loraplex)"
     )
@@ -164,6 +170,12 @@ class Config:
             raise ConfigError(
                 "max_host_adapters must be >= 1 and host_cache_gib > 0", param="max_host_adapters"
             )
+        if self.structured_output_compile_timeout <= 0:
+            raise ConfigError(
+                "structured_output_compile_timeout must be > 0", param="structured_output_compile_timeout"
+            )
+        if self.structured_output_cache_size < 1:
+            raise ConfigError("structured_output_cache_size must be >= 1", param="structured_output_cache_size")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError("kv_cache_gib must be > 0", param="kv_cache_gib")
         if not 0 < self.kv_cache_memory_fraction < 1:

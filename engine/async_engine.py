@@ -13,10 +13,12 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 from ..adapter_cache.versions import public_name
 from ..errors import AdapterError, InvalidRequestError, LoraplexError
 from ..scheduler.sampling_params import SamplingParams
+from ..scheduler.structured_output import StructuredOutput
 from .engine import Engine
 from .protocol import AdapterRow, EngineInfo, EngineStatus, RequestOutput
 
@@ -47,6 +49,7 @@ class AsyncEngine:
             self._thread.join(timeout)
             self._thread = None
         self.engine.adapter_cache.close()
+        self.engine.grammars.close()
 
     def _loop(self) -> None:
         cfg = self.engine.config
@@ -95,16 +98,36 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
+        grammar = None
+        if params is not None and params.structured is not None:
+            grammar = await self._compile(params.structured)
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._streams[request_id] = (loop, queue)  # before the engine can produce its first output
         try:
-            self.engine.add_request(prompt, adapter, params, request_id, priority)
+            self.engine.add_request(prompt, adapter, params, request_id, priority, grammar=grammar)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
         self._wake.set()
         return self._stream(request_id, queue)
+
+    async def _compile(self, spec: StructuredOutput) -> Any:
+        """The compiled grammar of `spec`, waited for here (never in the step loop) up to the configured
+        limit. Over the limit only this request fails; the compile goes on and lands in the cache."""
+        future = self.engine.grammars.submit(spec)
+        if future.done():  # a cache hit
+            return future.result()
+        limit = self.engine.config.structured_output_compile_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
+        except TimeoutError:
+            raise InvalidRequestError(
+                f"compiling the grammar of '{spec.param}' took over {limit:g} s "
+                "(--structured-output-compile-timeout); simplify it, or retry once it is compiled",
+                param=spec.param,
+                code="structured_output_timeout",
+            ) from None
 
     async def _stream(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
         finished = False
@@ -148,6 +171,7 @@ class AsyncEngine:
             prefix_cache_hits=engine.scheduler.prefix_hits,
             prefix_cache_blocks=blocks.num_cached,
             prefix_cache_evictions=blocks.num_evictions,
+            structured_output=engine.grammars.stats.snapshot(),
         )
 
     # ---- text ----

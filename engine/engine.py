@@ -36,6 +36,7 @@ from ..scheduler.prefix_cache import adapter_namespace, base_namespace
 from ..scheduler.request import Request
 from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.scheduler import Batch, Scheduler
+from .grammar import GrammarCache, GrammarState
 from .loader import DTYPES, base_shapes, load_hf_config, resolve_model_dir
 from .model import CausalLM, ModelSpec
 from .offload import DeviceModel
@@ -67,6 +68,7 @@ class _Track:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # since the last output
     # this step's draw with its logprobs (only for a request that asked), consumed by the finish check
     drawn: TokenLogprob | None = None
+    grammar: GrammarState | None = None  # a structured request's matcher (its own, also for n > 1)
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -137,6 +139,12 @@ class Engine:
             config, model_dir, hf_config, self.spec, dtype, self.device, self.adapter_cache
         )
         self.text = TextCodec(model_dir, tokenizer_future.result(), self.adapter_cache.sources)
+        self.grammars = GrammarCache(
+            lambda: self.text.tokenizer,
+            self.spec.vocab_size,
+            self.text.eos_token_ids,
+            capacity=config.structured_output_cache_size,
+        )
         self.blocks = BlockAllocator(self.device_model.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
@@ -289,10 +297,14 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        grammar: Any = None,
     ) -> Request:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / AdapterError. The
         request runs on the version of its adapter that is current now, to its end. `priority` > 0 is
-        background work (shadow runs), admitted only into spare capacity."""
+        background work (shadow runs), admitted only into spare capacity.
+
+        A structured request (`params.structured`) uses `grammar` when the caller compiled it already
+        (AsyncEngine does, off the step loop, with a time limit), else it compiles here, blocking."""
         params = params or SamplingParams()
         ids = self.text.encode(prompt)
         self.info.check_request(len(ids), params.max_tokens)
@@ -301,6 +313,11 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracks:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        state = None
+        if params.structured is not None:
+            if grammar is None:
+                grammar = self.grammars.compile(params.structured)
+            state = self.grammars.matcher(grammar, params.structured.kind)
         name = self.adapter_of(adapter)
         key = None if name is None else self.versions.acquire(name)
         try:
@@ -308,7 +325,7 @@ class Engine:
             if error is not None:
                 raise error
             self._tracks[request_id] = _Track(
-                make_generator(params.seed), self.text.request_text(ids, params.stop)
+                make_generator(params.seed), self.text.request_text(ids, params.stop), grammar=state
             )
             request = Request(request_id, ids, params, key, priority=priority)
             self.scheduler.add(request)
@@ -317,6 +334,8 @@ class Engine:
             if key is not None and self.versions.release(key):
                 self._free_version(key)
             raise
+        if params.structured is not None:
+            self.grammars.count_request(params.structured.kind)
         return request
 
     def abort(self, request_id: str) -> bool:
@@ -360,6 +379,8 @@ class Engine:
         requests that asked, wait in their track for the finish check."""
         rows = [s.request for s in batch.seqs if s.want_logits]
         tracks = [self._tracks[r.request_id] for r in rows]
+        # grammar masks first: penalties, filters and the draw then only see allowed tokens
+        self.grammars.apply_masks(logits, [t.grammar for t in tracks])
         sampled = sample_batch(
             logits,
             [r.params for r in rows],
@@ -386,6 +407,12 @@ class Engine:
             t.new_logprobs.append(drawn)
         if t.text is not None and t.text.add(token):
             return "stop"
+        if t.grammar is not None:
+            if not t.grammar.accept(token):  # the mask made this impossible; never guess past it
+                r.error = f"token {token} does not match the request's grammar"
+                return "error"
+            if t.grammar.is_terminated or t.grammar.only_stop_allowed():
+                return self._end_text(t, "stop")  # the grammar is complete: nothing may follow
         if len(r.output_token_ids) >= r.params.max_tokens:
             return self._end_text(t, "length")
         return None

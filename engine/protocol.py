@@ -106,6 +106,10 @@ class EngineStatus:
     prefix_cache_hits: int = 0
     prefix_cache_blocks: int = 0
     prefix_cache_evictions: int = 0
+    # structured outputs (engine/grammar.py GrammarStats.snapshot): compile cache hits / misses, the
+    # compile-seconds histogram ("compile_buckets": [(le, count)], "compile_sum", "compile_count"),
+    # "requests_by_kind"
+    structured_output: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineClient(Protocol):

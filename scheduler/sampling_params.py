@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InvalidRequestError
+from .structured_output import StructuredOutput
 
 # OpenAI's own cap on `top_logprobs`; larger k costs a bigger top-k per step for little use.
 MAX_LOGPROBS = 20
@@ -24,6 +25,9 @@ class SamplingParams:
 
     logprobs None returns no log-probabilities; k >= 0 returns the chosen token's logprob plus the k
     most likely alternatives (k <= MAX_LOGPROBS).
+
+    structured: the grammar's token mask is applied to the raw logits before everything above, so
+    penalties, filters, greedy and sampled draws all choose among the tokens the grammar allows.
     """
 
     max_tokens: int = 16
@@ -38,6 +42,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: int | None = None
+    # constrain the output to a JSON schema, regex, choice or grammar (engine/grammar.py); None = free text
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -17,7 +17,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 
 from ..engine.protocol import EngineClient, EngineStatus
 from .shadow import ShadowRunner
@@ -214,6 +220,36 @@ class _ScrapeCollector:
         yield from _cache_metrics(snap.adapter_cache)
         yield from _offload_metrics(snap)
         yield from _prefix_cache_metrics(snap)
+        yield from _structured_output_metrics(snap.structured_output)
+
+
+def _structured_output_metrics(stats: dict) -> Iterator[Metric]:
+    """Grammar compiles (engine/grammar.py): seconds, cache hits and misses, constrained requests by kind."""
+    if not stats:
+        return
+    yield HistogramMetricFamily(
+        "loraplex_structured_output_compile_seconds",
+        "Time to compile a structured output's grammar (cache misses only)",
+        buckets=[(str(le), float(n)) for le, n in stats["compile_buckets"]]
+        + [("+Inf", float(stats["compile_count"]))],
+        sum_value=stats["compile_sum"],
+    )
+    yield CounterMetricFamily(
+        "loraplex_structured_output_cache_hits",
+        "Structured requests whose grammar was compiled already (or compiling)",
+        value=stats["hits"],
+    )
+    yield CounterMetricFamily(
+        "loraplex_structured_output_cache_misses", "Structured requests that compiled a grammar", value=stats["misses"]
+    )
+    by_kind = CounterMetricFamily(
+        "loraplex_structured_output_requests",
+        "Constrained engine requests, by kind (json_schema, json_object, regex, choice, grammar)",
+        labels=["kind"],
+    )
+    for kind, count in sorted(stats["requests_by_kind"].items()):
+        by_kind.add_metric([kind], float(count))
+    yield by_kind
 
 
 class _ShadowCollector:

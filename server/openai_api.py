@@ -14,6 +14,7 @@ from ..scheduler.sampling_params import SamplingParams
 from .generation import Choice, EventStream, finite_logprob, sse
 from .schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion
 from .state import VERSION_HEADER, Call, ServerState
+from .structured import ToolCallParser, ToolChoice
 
 
 async def completions(request: Request) -> Response:
@@ -173,7 +174,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
 
     if not req.sampling.stream:
         await state.finish_job(call, job, adapter)
-        choices = [_chat_choice(c, engine, req.logprobs) for c in job.choices]
+        choices = [_chat_choice(c, engine, req.logprobs, req.tool) for c in job.choices]
         body = {
             "id": rid,
             "object": "chat.completion",
@@ -186,10 +187,13 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
 
     first = await state.first_event(call, job, adapter)
 
+    # forced tool calls: each choice's text goes through its own parser, out as tool-call deltas
+    parsers = {c.index: ToolCallParser(req.tool) for c in job.choices} if req.tool is not None else {}
+
     async def events() -> AsyncIterator[str]:
         try:
             for c in job.choices:
-                delta = {"role": "assistant", "content": ""}
+                delta = {"role": "assistant", "content": None if parsers else ""}
                 yield sse(
                     chunk([{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}])
                 )
@@ -204,7 +208,14 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
                         if req.logprobs
                         else None
                     )
-                    if out.new_text or (lp and lp["content"]):
+                    if parsers:
+                        for call in parsers[c.index].feed(out.new_text):
+                            calls = {"tool_calls": [call]}
+                            yield sse(
+                                chunk([{"index": c.index, "delta": calls, "logprobs": lp, "finish_reason": None}])
+                            )
+                            lp = None
+                    elif out.new_text or (lp and lp["content"]):
                         delta = {"content": out.new_text}
                         yield sse(
                             chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
@@ -217,7 +228,7 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
                                         "index": c.index,
                                         "delta": {},
                                         "logprobs": None,
-                                        "finish_reason": c.finish_reason,
+                                        "finish_reason": _finish_reason(c, req.tool),
                                     }
                                 ]
                             )
@@ -232,13 +243,26 @@ async def _chat(state: ServerState, call: Call, body: Any) -> Response:
     return EventStream(events(), state.stream_ended(call), state.version_headers(call))
 
 
-def _chat_choice(c: Choice, engine: EngineClient, logprobs: bool) -> dict:
+def _chat_choice(c: Choice, engine: EngineClient, logprobs: bool, tool: ToolChoice | None) -> dict:
+    message: dict = {"role": "assistant", "content": c.text}
+    if tool is not None:
+        parser = ToolCallParser(tool)
+        parser.feed(c.text)
+        message = {"role": "assistant", "content": None, "tool_calls": parser.calls}
     return {
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
+        "message": message,
         "logprobs": {"content": _chat_logprobs(engine, c.logprobs)} if logprobs else None,
-        "finish_reason": c.finish_reason,
+        "finish_reason": _finish_reason(c, tool),
     }
+
+
+def _finish_reason(c: Choice, tool: ToolChoice | None) -> str | None:
+    """OpenAI's: a forced named function ends with "stop", `tool_choice: "required"` with "tool_calls";
+    "length" when max_tokens cut the output first (its JSON may then be incomplete)."""
+    if tool is not None and tool.mode == "required" and c.finish_reason == "stop":
+        return "tool_calls"
+    return c.finish_reason
 
 
 def _token_entry(engine: EngineClient, token_id: int, lp: float) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..scheduler.sampling_params import MAX_LOGPROBS
 from .errors import bad_field
+from .structured import ToolChoice, parse_lorax_response_format, parse_openai_structured, parse_tools
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request
@@ -128,6 +129,8 @@ def _openai_sampling(f: Fields, max_tokens: int | None) -> Sampling:
         "min_p": f.number("min_p", 0.0, 0.0, 1.0),
         "repetition_penalty": f.number("repetition_penalty", 1.0),
         "ignore_eos": f.boolean("ignore_eos"),
+        # response_format, structured_outputs, guided_* (server/structured.py)
+        "structured": parse_openai_structured(f.data),
     }
     if params["top_k"] == -1:  # vLLM spells "off" as -1
         params["top_k"] = 0
@@ -204,6 +207,7 @@ class ChatRequest:
     top_logprobs: int | None
     sampling: Sampling
     user: str | None = None  # the end user: the sticky-routing subject of an alias
+    tool: ToolChoice | None = None  # forced tool calls: the output is returned as `tool_calls`
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -216,13 +220,14 @@ def parse_chat(body: Any) -> ChatRequest:
     top = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not logprobs:
         raise bad_field("top_logprobs", "needs 'logprobs' set to true")
-    for name in ("tools", "functions"):
-        f.refuse(name, "is not supported (no tool calling)")
-    f.refuse("tool_choice", "is not supported (no tool calling)", (None, "none", "auto"))
-    fmt = f.obj("response_format")
-    if fmt is not None and fmt.string("type", "text") != "text":
-        raise bad_field("response_format.type", "is not supported (only 'text')")
-    return ChatRequest(f.string("model"), messages, logprobs, top, sampling, f.string("user"))
+    tool = parse_tools(f.data)
+    if tool is not None:
+        if sampling.params["structured"] is not None:
+            raise bad_field(
+                sampling.params["structured"].param, "cannot be combined with a forced tool call ('tool_choice')"
+            )
+        sampling.params["structured"] = tool.structured
+    return ChatRequest(f.string("model"), messages, logprobs, top, sampling, f.string("user"), tool)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -316,7 +321,7 @@ def parse_generate(body: Any) -> GenerateRequest:
         "api_token",
         "is not supported: the server reads adapters with its own credentials (HF_TOKEN on the server)",
     )
-    p.refuse("response_format", "is not supported")
+    params["structured"] = parse_lorax_response_format(p.data.get("response_format"))
     max_new = p.integer("max_new_tokens", 20, 1)
     sampling = Sampling(max_new, params)
     return GenerateRequest(

@@ -41,6 +41,8 @@ ENV_VALUES = {
     "preload": ("p1,p2", ("p1", "p2")),
     "idle_offload_seconds": ("300", 300.0),
     "idle_offload": ("drop", "drop"),
+    "structured_output_compile_timeout": ("2.5", 2.5),
+    "structured_output_cache_size": ("16", 16),
     "cache_dir": ("/cache", "/cache"),
     "lora_backend": ("torch", "torch"),
     "cpu_packed_linear": ("0", False),

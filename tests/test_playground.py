@@ -453,3 +453,47 @@ def test_alias_shows_its_split_and_the_version_that_answered(main_server, watche
         assert watched.errors == [] and watched.dialogs == []
     finally:
         httpx.delete(main_server.url + "/v1/routes/support", headers=headers, timeout=30)
+
+
+def test_response_format_selector(main_server, watched):
+    """JSON schema pasted in the page: every column's text is the reply the API gives for the same
+    response_format, and it follows the schema; a schema that is not JSON is caught in the page."""
+    schema = {
+        "type": "object",
+        "properties": {"queue": {"enum": ["billing", "tech"]}, "urgent": {"type": "boolean"}},
+        "required": ["queue", "urgent"],
+    }
+    page = watched.page
+    page.goto(main_server.url + "/")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    page.fill("#key-input", ADMIN)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#model-list input').length === 5")
+    for name in (BASE, "a0"):
+        page.check(f'#model-list input[value="{name}"]')
+    assert page.is_hidden("#schema-field")
+    page.check('input[name="format"][value="schema"]')
+    assert page.is_visible("#schema-field")
+    page.fill("#prompt", PROMPT)
+    page.fill("#max-tokens", "120")
+    page.fill("#schema", "{not json")
+    page.click("#run")
+    assert page.text_content("#run-note") == "The JSON schema is not valid JSON."
+    page.fill("#schema", json.dumps(schema))
+    run_and_wait(page, 2)
+    shown = column_texts(page)
+    api = client(main_server)
+    for name in (BASE, "a0"):
+        r = api.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=120, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "playground", "schema": schema, "strict": True}},
+        )
+        assert shown[name] == r.choices[0].message.content, name
+        reply = json.loads(shown[name])
+        assert reply["queue"] in ("billing", "tech") and isinstance(reply["urgent"], bool)
+    page.check('input[name="format"][value="json"]')
+    assert page.is_hidden("#schema-field")
+    run_and_wait(page, 2)
+    for text in column_texts(page).values():
+        assert text.startswith("{"), text
+    assert watched.errors == [] and watched.dialogs == []

@@ -233,6 +233,8 @@ function buildRequest() {
   };
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number.parseInt(seed, 10);
+  const format = responseFormat();
+  if (format) body.response_format = format;
   if (mode === "chat") {
     const messages = [];
     const system = $("system").value;
@@ -243,9 +245,29 @@ function buildRequest() {
   return { path: "/v1/completions", body: { ...body, prompt } };
 }
 
+// The response-format selector: none, any JSON object, or a pasted JSON schema (sent as OpenAI's
+// response_format; the server checks the schema and answers a 400 naming the problem).
+function responseFormat() {
+  const kind = document.querySelector('input[name="format"]:checked').value;
+  if (kind === "json") return { type: "json_object" };
+  if (kind !== "schema") return null;
+  let schema;
+  try {
+    schema = JSON.parse($("schema").value);
+  } catch {
+    return { invalid: true };
+  }
+  return { type: "json_schema", json_schema: { name: "playground", schema, strict: true } };
+}
+
+function showSchemaField() {
+  $("schema-field").hidden = document.querySelector('input[name="format"]:checked').value !== "schema";
+}
+
 function validate(request) {
   if (!state.selected.length) return "Pick at least one model.";
   if (!$("prompt").value.trim()) return "Write a prompt first.";
+  if (request.body.response_format?.invalid) return "The JSON schema is not valid JSON.";
   const { max_tokens: maxTokens, temperature, seed } = request.body;
   if (!Number.isInteger(maxTokens) || maxTokens < 1) return "Max tokens must be a whole number ≥ 1.";
   if (!Number.isFinite(temperature) || temperature < 0) return "Temperature must be a number ≥ 0.";
@@ -486,6 +508,7 @@ async function main() {
   $("stop").addEventListener("click", stopComparison);
   $("refresh-models").addEventListener("click", () => connect());
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", onModeChange);
+  for (const radio of document.querySelectorAll('input[name="format"]')) radio.addEventListener("change", showSchemaField);
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("run-form").requestSubmit();
   });
