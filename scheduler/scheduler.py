@@ -33,7 +33,11 @@ steps so does residency. Each of the k older starved requests costs at most S + 
 Background requests (`priority` > 0: shadow runs) sit outside that bound and never weaken it: they are
 never counted as starved, are admitted only after every normal waiting request was admitted (none left
 waiting), hold at most half of max_num_seqs, and come last in the running order, so preemption takes
-them first. They may wait indefinitely under sustained load, which is what spare-capacity work means.
+them first. They never share a step with a normal request: a step that holds any normal sequence leaves
+the background ones out (paused, keeping their KV blocks), because on CPU every extra adapter in a step
+slows every sequence in it. Their prefill chunks are at most BACKGROUND_CHUNK tokens, so a real request
+that arrives during a background step waits one short step at most. They may wait indefinitely under
+sustained load, which is what spare-capacity work means.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ from .prefix_cache import extend_keys
 from .request import Request, RequestState
 
 FinishCheck = Callable[[Request], str | None]
+
+
+# Tokens of a background prompt computed per step: a step of spare-capacity work stays short.
+BACKGROUND_CHUNK = 64
 
 
 def _priority(r: Request) -> int:
@@ -283,6 +291,8 @@ class Scheduler:
             budget = self._schedule_running(batch)
             if not batch.preempted:  # memory is short right now: admitting would only thrash
                 self._admit(batch, budget)
+            if any(q.request.priority == 0 for q in batch.seqs):  # background work pauses (keeps its KV)
+                batch.seqs = [q for q in batch.seqs if q.request.priority == 0]
             self._step += 1
             if batch.seqs:
                 self._inflight = batch
@@ -413,7 +423,7 @@ class Scheduler:
                 batch.seqs.append(self._seq(r, 1))
                 budget -= 1
         for r in [r for r in self._running if r.num_tokens - r.num_computed > 1]:
-            n = min(r.num_tokens - r.num_computed, budget, self.prefill_chunk_size)
+            n = min(r.num_tokens - r.num_computed, budget, self._chunk(r))
             if n > 0:
                 batch.seqs.append(self._seq(r, n))
                 budget -= n
@@ -509,7 +519,7 @@ class Scheduler:
             self.residency.pin(r.adapter)
             room.active.add(r.adapter)
         bisect.insort(self._running, r, key=_run_order)
-        n = min(r.num_tokens - r.num_computed, room.budget, self.prefill_chunk_size)
+        n = min(r.num_tokens - r.num_computed, room.budget, self._chunk(r))
         room.budget -= n
         if r.num_computed + n == r.num_tokens and r.num_tokens % self.blocks.block_size == 0:
             room.reserve += 1
@@ -550,6 +560,9 @@ class Scheduler:
         if asked is None or self._step - asked >= max(self.max_wait_steps, 1):
             self.residency.request_load(adapter)
             self._load_asked[adapter] = self._step
+
+    def _chunk(self, r: Request) -> int:
+        return self.prefill_chunk_size if r.priority == 0 else min(self.prefill_chunk_size, BACKGROUND_CHUNK)
 
     def _seq(self, r: Request, n: int) -> ScheduledSeq:
         start = r.num_computed

@@ -91,3 +91,52 @@ def test_starved_background_never_blocks_normal_admission():
     assert late.state is RequestState.RUNNING and shadow.state is RequestState.WAITING
     run_step(s, batch)
     s.check()
+
+
+def test_background_never_shares_a_step_with_normal_requests_and_resumes_after():
+    """On CPU every adapter in a step slows every sequence in it: a running background request pauses
+    (keeps its KV blocks, computes nothing) in any step that holds a normal sequence, and goes on
+    where it stopped once the normal work is done."""
+    s, _ = make_scheduler(max_num_seqs=4, budget=64)
+    shadow = bg("shadow", n=6, max_tokens=5, adapter="b")
+    s.add(shadow)
+    batch = s.schedule()
+    assert [q.request.request_id for q in batch.seqs] == ["shadow"]  # idle machine: it runs
+    run_step(s, batch)
+    assert len(shadow.output_token_ids) == 1
+    normal = make_request("n", n=5, max_tokens=3, adapter="a")
+    s.add(normal)
+    steps_with_normal = 0
+    while not normal.is_finished:
+        batch = s.schedule()
+        kinds = {q.request.priority for q in batch.seqs}
+        assert kinds == {0}, [q.request.request_id for q in batch.seqs]
+        steps_with_normal += 1
+        computed = shadow.num_computed
+        run_step(s, batch)
+        assert shadow.state is RequestState.RUNNING and shadow.num_computed == computed  # paused, not preempted
+        s.check()
+    assert steps_with_normal == 3 and len(shadow.output_token_ids) == 1
+    while not shadow.is_finished:
+        batch = s.schedule()
+        assert [q.request.request_id for q in batch.seqs] == ["shadow"]
+        run_step(s, batch)
+    assert len(shadow.output_token_ids) == 5 and shadow.num_preemptions == 0
+    s.check()
+
+
+def test_background_prefill_comes_in_short_chunks():
+    from loraplex.scheduler.scheduler import BACKGROUND_CHUNK
+
+    s, _ = make_scheduler(max_num_seqs=4, budget=512, num_blocks=512)
+    shadow = bg("shadow", n=3 * BACKGROUND_CHUNK, max_tokens=2)
+    s.add(shadow)
+    sizes = []
+    while shadow.num_computed < 3 * BACKGROUND_CHUNK:
+        batch = s.schedule()
+        sizes.append(batch.num_tokens)
+        run_step(s, batch)
+    assert sizes == [BACKGROUND_CHUNK] * 3  # a normal prompt of that length is one 192-token step
+    normal = make_request("n", n=3 * BACKGROUND_CHUNK, max_tokens=2)
+    s.add(normal)
+    assert s.schedule().num_tokens == 3 * BACKGROUND_CHUNK
