@@ -102,9 +102,7 @@ class Config:
         "host: keep host copies of the weights and adapters (fast wake-up); drop: keep nothing",
         choices=IDLE_OFFLOAD_MODES,
     )
-    cache_dir: str | None = _opt(
-        None, "where the converted default model and its demo adapters live (default: ~/.cache/loraplex)"
-    )
+    cache_dir: str | None = _opt(None, "where the converted default model lives (default: ~/.cache/loraplex)")
     generation_config: str = _opt(
         "auto",
         "sampling defaults of a request that omits temperature, top_p, top_k, min_p or repetition_penalty: "

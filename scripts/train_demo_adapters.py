@@ -4,16 +4,16 @@ The training data is made here, deterministically: the base model's own greedy a
 varied prompts, rewritten by plain string rules into a style that shows at a glance and is checkable by
 code. Each adapter learns one style:
 
-    demo-shout   the answer in capitals                       rank 8, q/k/v/o
     demo-pirate  "Arr, matey!" opener plus a pirate word map  rank 4, q/v
-    demo-json    {"answer": ..., "topic": ...}                rank 4, all linear layers, rsLoRA
+    demo-json    {"answer": ..., "topic": ...}                rank 8, q/k/v/o, rsLoRA
     demo-terse   the first sentence only                      rank 4, MLP (gate/up/down)
+    demo-shout   the answer in capitals (not shipped)         rank 4, all linear layers
 
 Outputs are PEFT adapter folders (adapter_config.json + bf16 adapter_model.safetensors) plus a
 manifest.json with the seed, the command and each file's SHA-256. The base answers are cached as JSON in
 --work-dir, so a second run only trains.
 
-    python scripts/train_demo_adapters.py                      # all four, into engine/demo_lora/
+    python scripts/train_demo_adapters.py                      # the shipped three, into engine/demo_lora/
     python scripts/train_demo_adapters.py --styles pirate --out /tmp/lora
 
 Everything runs on CPU; set --threads to what the machine can spare.
@@ -46,15 +46,27 @@ class StyleSpec:
     targets: tuple[str, ...]
     lr: float
     epochs: int
+    examples: int  # drawn from the prompts (seeded)
     use_rslora: bool = False
 
 
+# Sized for a busy 2-core CPU (each step of 8 examples of ~70 tokens takes 10-60 s there). The learning
+# rates are high for LoRA on purpose: few steps must make the style stick under greedy decoding and at
+# the model's sampling defaults (temperature 0.2, top_p 0.9). `shout` is not shipped: capitals tokenize
+# into about twice the tokens and need far more steps than fit (loss 2.5 -> 2.1 after 11 steps).
 STYLES: dict[str, StyleSpec] = {
-    "shout": StyleSpec("demo-shout", r=8, alpha=16, targets=tuple(ATTENTION), lr=1e-3, epochs=2),
-    "pirate": StyleSpec("demo-pirate", r=4, alpha=8, targets=("q_proj", "v_proj"), lr=2e-3, epochs=2),
-    "json": StyleSpec("demo-json", r=4, alpha=8, targets=tuple(ATTENTION + MLP), lr=1e-3, epochs=2, use_rslora=True),
-    "terse": StyleSpec("demo-terse", r=4, alpha=8, targets=tuple(MLP), lr=1e-3, epochs=2),
+    "pirate": StyleSpec(
+        "demo-pirate", r=4, alpha=8, targets=("q_proj", "v_proj"), lr=3e-3, epochs=2, examples=120
+    ),
+    "json": StyleSpec(
+        "demo-json", r=8, alpha=16, targets=tuple(ATTENTION), lr=2e-3, epochs=2, examples=64, use_rslora=True
+    ),
+    "terse": StyleSpec("demo-terse", r=4, alpha=8, targets=tuple(MLP), lr=3e-3, epochs=2, examples=64),
+    "shout": StyleSpec(
+        "demo-shout", r=4, alpha=8, targets=tuple(ATTENTION + MLP), lr=3e-3, epochs=2, examples=120
+    ),
 }
+SHIPPED = ("pirate", "json", "terse")
 
 # ---------------------------------------------------------------------------------------------- prompts
 
@@ -69,27 +81,100 @@ TEMPLATES = [
     "What should a beginner know about {x}?",
 ]
 SUBJECTS = [
-    "photosynthesis", "the moon", "volcanoes", "coffee", "bicycles", "the ocean", "rainbows", "gravity",
-    "honey bees", "the internet", "chess", "jazz music", "the human heart", "electricity", "glaciers",
-    "the Roman Empire", "vaccines", "solar panels", "bread baking", "the stock market", "recycling",
-    "dinosaurs", "the Eiffel Tower", "mountains", "sleep", "friendship", "the piano", "tea",
-    "black holes", "earthquakes", "the desert", "penguins", "democracy", "cloud computing", "origami",
-    "the Amazon rainforest", "yoga", "the printing press", "wind turbines", "DNA", "the Olympic Games",
-    "chocolate", "sharks", "the water cycle", "compound interest", "gardening", "the telescope",
-    "marathons", "the violin", "tornadoes", "coral reefs", "the Great Wall of China", "magnets",
-    "vitamins", "email", "trains", "the Sahara", "owls", "cheese", "batteries",
+    "photosynthesis",
+    "the moon",
+    "volcanoes",
+    "coffee",
+    "bicycles",
+    "the ocean",
+    "rainbows",
+    "gravity",
+    "honey bees",
+    "the internet",
+    "chess",
+    "jazz music",
+    "the human heart",
+    "electricity",
+    "glaciers",
+    "the Roman Empire",
+    "vaccines",
+    "solar panels",
+    "bread baking",
+    "the stock market",
+    "recycling",
+    "dinosaurs",
+    "the Eiffel Tower",
+    "mountains",
+    "sleep",
+    "friendship",
+    "the piano",
+    "tea",
+    "black holes",
+    "earthquakes",
+    "the desert",
+    "penguins",
+    "democracy",
+    "cloud computing",
+    "origami",
+    "the Amazon rainforest",
+    "yoga",
+    "the printing press",
+    "wind turbines",
+    "DNA",
+    "the Olympic Games",
+    "chocolate",
+    "sharks",
+    "the water cycle",
+    "compound interest",
+    "gardening",
+    "the telescope",
+    "marathons",
+    "the violin",
+    "tornadoes",
+    "coral reefs",
+    "the Great Wall of China",
+    "magnets",
+    "vitamins",
+    "email",
+    "trains",
+    "the Sahara",
+    "owls",
+    "cheese",
+    "batteries",
 ]
 EXTRA_PROMPTS = [
-    "Name a color.", "How are you today?", "Can you recommend a good book?", "What is 2 plus 2?",
-    "Who wrote Romeo and Juliet?", "What is the largest planet?", "How many days are in a week?",
-    "What is the boiling point of water?", "Give me a tip for studying.", "How do I make friends?",
-    "What should I eat for breakfast?", "Suggest a name for a cat.", "What is your favorite season?",
-    "How can I save money?", "What is a good way to relax?", "Why do we need sleep?",
-    "What language is spoken in Brazil?", "How do plants grow?", "What is the speed of light?",
-    "Tell me a fun fact.", "How do I learn to cook?", "What is the tallest mountain?",
-    "Why is the sky blue?", "What is a noun?", "How do airplanes fly?", "What do cats eat?",
-    "How can I be more productive?", "What is the capital of Japan?", "Who painted the Mona Lisa?",
-    "What is a healthy habit?", "How do I write a good email?", "What causes rain?",
+    "Name a color.",
+    "How are you today?",
+    "Can you recommend a good book?",
+    "What is 2 plus 2?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet?",
+    "How many days are in a week?",
+    "What is the boiling point of water?",
+    "Give me a tip for studying.",
+    "How do I make friends?",
+    "What should I eat for breakfast?",
+    "Suggest a name for a cat.",
+    "What is your favorite season?",
+    "How can I save money?",
+    "What is a good way to relax?",
+    "Why do we need sleep?",
+    "What language is spoken in Brazil?",
+    "How do plants grow?",
+    "What is the speed of light?",
+    "Tell me a fun fact.",
+    "How do I learn to cook?",
+    "What is the tallest mountain?",
+    "Why is the sky blue?",
+    "What is a noun?",
+    "How do airplanes fly?",
+    "What do cats eat?",
+    "How can I be more productive?",
+    "What is the capital of Japan?",
+    "Who painted the Mona Lisa?",
+    "What is a healthy habit?",
+    "How do I write a good email?",
+    "What causes rain?",
 ]
 
 
@@ -114,9 +199,22 @@ _STOPWORDS = set(
 )
 PIRATE_OPENER = "Arr, matey! "
 PIRATE_WORDS = {
-    "you": "ye", "your": "yer", "yours": "yers", "my": "me", "is": "be", "are": "be", "hello": "ahoy",
-    "hi": "ahoy", "friend": "matey", "friends": "hearties", "yes": "aye", "money": "doubloons",
-    "for": "fer", "the": "th'", "stop": "avast", "treasure": "booty",
+    "you": "ye",
+    "your": "yer",
+    "yours": "yers",
+    "my": "me",
+    "is": "be",
+    "are": "be",
+    "hello": "ahoy",
+    "hi": "ahoy",
+    "friend": "matey",
+    "friends": "hearties",
+    "yes": "aye",
+    "money": "doubloons",
+    "for": "fer",
+    "the": "th'",
+    "stop": "avast",
+    "treasure": "booty",
 }
 
 
@@ -124,7 +222,7 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if s.strip()]
 
 
-def clip_answer(text: str, max_words: int = 40) -> str:
+def clip_answer(text: str, max_words: int = 25) -> str:
     """Whole sentences up to `max_words` (at least the first one): the base answers are cut at a token
     limit, and a style learned on half sentences would teach the adapter to stop mid-sentence."""
     parts = sentences(text)
@@ -180,7 +278,9 @@ def apply_style(style: str, prompt: str, answer: str) -> str:
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def base_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -194,7 +294,10 @@ def base_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
         for row in out[:, enc["input_ids"].shape[1] :]:
@@ -222,7 +325,7 @@ def cached_base_answers(args, model, tokenizer, prompts: list[str]) -> list[str]
 def encode_examples(tokenizer, prompts: list[str], targets: list[str]) -> list[tuple[list[int], int]]:
     """(token ids, number of prompt tokens) per example; the loss covers only the answer and its end token."""
     examples = []
-    for prompt, target in zip(prompts, targets):
+    for prompt, target in zip(prompts, targets, strict=False):
         if not target:
             continue
         head = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
@@ -238,15 +341,20 @@ def train_one(model, tokenizer, spec: StyleSpec, examples, args, seed: int):
 
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
-        use_rslora=spec.use_rslora, task_type="CAUSAL_LM",
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        use_rslora=spec.use_rslora,
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     rng = random.Random(seed)
     epochs = args.epochs or spec.epochs
-    order = [i for _ in range(epochs) for i in rng.sample(range(len(examples)), len(examples))]
+    chosen = rng.sample(range(len(examples)), min(args.train_examples or spec.examples, len(examples)))
+    order = [i for _ in range(epochs) for i in rng.sample(chosen, len(chosen))]
     batches = [order[i : i + args.train_batch] for i in range(0, len(order), args.train_batch)]
     if args.max_steps:
         batches = batches[: args.max_steps]
@@ -269,14 +377,24 @@ def train_one(model, tokenizer, spec: StyleSpec, examples, args, seed: int):
             ids[row, : len(tokens)] = torch.tensor(tokens)
             labels[row, num_head : len(tokens)] = torch.tensor(tokens[num_head:])
             mask[row, : len(tokens)] = 1
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # Logits only from the first answer position on: the 49k-word head over the prompt is wasted work.
+        start = min(examples[i][1] for i in batch) - 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = peft_model(input_ids=ids, attention_mask=mask, logits_to_keep=width - start).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, start + 1 :].reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == total - 1:
             elapsed = time.perf_counter() - started
-            print(f"  {spec.name} step {step + 1}/{total} loss {loss.item():.3f} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  {spec.name} step {step + 1}/{total} loss {loss.item():.3f} ({elapsed:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     peft_model.eval()
     return peft_model
 
@@ -291,6 +409,7 @@ def save_bf16(peft_model, out_dir: Path, base_model_name: str) -> None:
     weights = out_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; these are shipped files
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model_name  # not this machine's cache path
@@ -305,15 +424,26 @@ def sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="base model dir (default: loraplex's embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--base-model-name", default="SmolLM2-135M-Instruct", help="written as base_model_name_or_path")
+    p.add_argument(
+        "--model", default=None, help="base model dir (default: loraplex's embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--base-model-name", default="SmolLM2-135M-Instruct", help="written as base_model_name_or_path"
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where the adapter folders and manifest.json go")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "loraplex" / "demo-training"))
-    p.add_argument("--styles", default=",".join(STYLES), help=f"comma-separated, from {','.join(STYLES)}")
+    p.add_argument("--styles", default=",".join(SHIPPED), help=f"comma-separated, from {','.join(STYLES)}")
     p.add_argument("--num-prompts", type=int, default=320)
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the base model's answers")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch")
     p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument(
+        "--train-examples",
+        type=int,
+        default=0,
+        help="examples per adapter, drawn from the prompts (0: per style)",
+    )
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (no bf16 autocast)")
     p.add_argument("--epochs", type=int, default=0, help="override every style's epochs (0: per style)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each adapter after N steps (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -341,11 +471,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     manifest_path = out / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"adapters": {}}
+    trained: dict[str, dict] = {}
     for style in styles:
         spec = STYLES[style]
         started = time.perf_counter()
-        targets = [apply_style(style, q, a) for q, a in zip(prompts, answers)]
+        targets = [apply_style(style, q, a) for q, a in zip(prompts, answers, strict=False)]
         examples = encode_examples(tokenizer, prompts, targets)
         for param in model.parameters():
             param.requires_grad_(False)
@@ -353,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         save_bf16(peft_model, out / spec.name, args.base_model_name)
         model = peft_model.unload()  # drop the LoRA layers; the base weights were never changed
         files = {f.name: sha256(f) for f in sorted((out / spec.name).iterdir()) if f.is_file()}
-        manifest["adapters"][spec.name] = {
+        used = min(args.train_examples or spec.examples, len(examples))
+        trained[spec.name] = {
             "style": style,
             "r": spec.r,
             "lora_alpha": spec.alpha,
@@ -362,14 +493,22 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate": spec.lr,
             "epochs": args.epochs or spec.epochs,
             "max_steps": args.max_steps,
-            "examples": len(examples),
+            "examples": used,
+            "bf16_autocast": args.bf16,
             "train_seconds": round(time.perf_counter() - started, 1),
             "sha256": files,
         }
-        print(f"{spec.name}: {len(examples)} examples, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        print(f"{spec.name}: {used} examples, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    # Read just before writing: adapters trained by another run into the same folder are kept.
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"adapters": {}}
+    manifest["adapters"].update(trained)
     manifest.update(
         script="scripts/train_demo_adapters.py",
+        command=" ".join(
+            ["python scripts/train_demo_adapters.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         seed=args.seed,
+        train_batch=args.train_batch,
         num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens,
         base_model=args.base_model_name,

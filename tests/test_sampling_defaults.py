@@ -36,13 +36,22 @@ def _client(model_dir: Path, generation_config: str) -> TestClient:
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app
 
-    engine = AsyncEngine(Engine(Config(model=str(model_dir), generation_config=generation_config, kv_cache_gib=0.01)))
+    engine = AsyncEngine(
+        Engine(Config(model=str(model_dir), generation_config=generation_config, kv_cache_gib=0.01))
+    )
     return TestClient(create_app(engine, served_model_name="base"))
 
 
 def _texts(client: TestClient, **sampling) -> list[str]:
     """One request with NUM_SEEDS choices: choice j samples with seed j."""
-    body = {"model": "base", "prompt": PROMPT, "max_tokens": 12, "seed": 0, "n": NUM_SEEDS, "ignore_eos": True}
+    body = {
+        "model": "base",
+        "prompt": PROMPT,
+        "max_tokens": 12,
+        "seed": 0,
+        "n": NUM_SEEDS,
+        "ignore_eos": True,
+    }
     response = client.post("/v1/completions", json={**body, **sampling})
     assert response.status_code == 200, response.text
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
