@@ -2,7 +2,7 @@
 
 The trained ones (`demo_lora/`, package data) are what `loraplex serve` serves when given no model and
 no adapters: small LoRAs of the embedded SmolLM2-135M-Instruct that each answer in a style you can see
-(capitals, pirate talk, JSON, one sentence), made by `scripts/train_demo_adapters.py`; `demo_lora/
+(pirate talk, JSON, one sentence), made by `scripts/train_demo_adapters.py`; `demo_lora/
 manifest.json` records the seed, the settings and every file's SHA-256.
 
 The seeded random ones (`loraplex demo-adapters DIR --random`) fit any Llama-family base and are for
