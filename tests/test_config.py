@@ -41,6 +41,7 @@ ENV_VALUES = {
     "idle_offload_seconds": ("300", 300.0),
     "idle_offload": ("drop", "drop"),
     "cache_dir": ("/cache", "/cache"),
+    "generation_config": ("openai", "openai"),
     "lora_backend": ("torch", "torch"),
     "cpu_packed_linear": ("0", False),
     "cpu_lora_rows": ("false", False),
