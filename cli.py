@@ -110,10 +110,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_adapters(args: argparse.Namespace) -> int:
-    from .engine.demo_adapters import write_demo_adapters
+    from .engine.demo_adapters import copy_trained_demo_adapters, write_demo_adapters
     from .engine.loader import resolve_model_dir
 
-    paths = write_demo_adapters(Path(args.dir), resolve_model_dir(args.model, args.cache_dir))
+    if args.random:
+        paths = write_demo_adapters(Path(args.dir), resolve_model_dir(args.model, args.cache_dir))
+    elif args.model is not None:
+        print("error: the trained demo adapters fit only the default model; use --random with --model", file=sys.stderr)
+        return 2
+    else:
+        paths = copy_trained_demo_adapters(Path(args.dir))
     for p in paths:
         print(f"{p.name}={p}")
     return 0
@@ -141,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cfg = config
         if cfg.model is None and not cfg.adapters and cfg.adapter_dir is None:
-            cfg = replace(cfg, adapters=demo_adapter_sources(cfg.cache_dir))
+            cfg = replace(cfg, adapters=demo_adapter_sources())
         return AsyncEngine(Engine(cfg))
 
     app = create_app(
@@ -189,9 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser(
-        "demo-adapters", help="write a few seeded PEFT adapters for the (default) model into DIR"
+        "demo-adapters",
+        help="copy the trained demo adapters of the default model into DIR (--random: seeded random ones)",
     )
     d.add_argument("dir")
+    d.add_argument(
+        "--random",
+        action="store_true",
+        help="write seeded random adapters (demo-qv, demo-attn, demo-all, demo-mlp-rslora) for the model "
+        "instead: they change its output without meaning, for tests and benchmarks",
+    )
     add_settings(d, Config, only=("model", "cache_dir"))
     d.set_defaults(func=cmd_demo_adapters)
     return parser

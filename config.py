@@ -21,6 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 IDLE_OFFLOAD_MODES = ("host", "drop")
 LORA_BACKENDS = ("auto", "torch", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+GENERATION_CONFIGS = ("auto", "openai")
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -117,9 +118,13 @@ class Config:
         "with a 400 (the compile finishes in the background and is cached)",
     )
     structured_output_cache_size: int = _opt(256, "compiled grammars kept (LRU, keyed by the canonical schema)")
-    cache_dir: str | None = _opt(
-        None, "where the converted default model and its demo adapters live (default: ~/.cache/loraplex)"
+    generation_config: str = _opt(
+        "auto",
+        "sampling defaults of a request that omits temperature, top_p, top_k, min_p or repetition_penalty: "
+        "auto (the model's generation_config.json where it sets them, as vLLM) or openai (temperature 1, top_p 1)",
+        choices=GENERATION_CONFIGS,
     )
+    cache_dir: str | None = _opt(None, "where the converted default model lives (default: ~/.cache/loraplex)")
     # Kernel switches, mostly for A/B measurements; the engine hands them to the model (engine/model.py).
     lora_backend: str = _opt(
         "auto",
@@ -139,6 +144,7 @@ class Config:
             ("dtype", DTYPES),
             ("idle_offload", IDLE_OFFLOAD_MODES),
             ("lora_backend", LORA_BACKENDS),
+            ("generation_config", GENERATION_CONFIGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

@@ -77,7 +77,7 @@ done
 echo "quickstart: ready after $(python -c "import time; print(round(time.time() - $t0, 1))") s (first start, model converted)"
 
 chat=$(curl -sf "$url/v1/chat/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo-all", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}') ||
+    -d '{"model": "demo-pirate", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}') ||
     fail "chat completion failed"
 python - "$chat" <<'EOF' || fail "bad chat completion: $chat"
 import json, sys
@@ -89,7 +89,7 @@ print("quickstart: chat ->", repr(r["choices"][0]["message"]["content"]))
 EOF
 
 stream=$(curl -sfN "$url/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo-qv", "prompt": "Once upon a time", "max_tokens": 16, "stream": true}') ||
+    -d '{"model": "demo-terse", "prompt": "Once upon a time", "max_tokens": 16, "stream": true}') ||
     fail "streamed completion failed"
 python - "$stream" <<'EOF' || fail "bad stream: $stream"
 import json, sys

@@ -41,6 +41,14 @@ CHATML_TEMPLATE = (
 )
 EOS_TOKEN = "<|im_end|>"  # the instruct model ends its turns with this, not <|endoftext|>
 
+# Sampling defaults written into the converted model's generation_config.json, which requests that leave
+# them out get (Config.generation_config "auto"): the values SmolLM2-135M-Instruct's model card samples
+# with. At OpenAI's temperature 1 this 135M model leaves the question within a few words (it answered "What
+# is the capital of France?" with "Estée lauder, la FRANCE, ..."); at 0.2, top_p 0.9 it keeps the greedy
+# answer's sense and still varies its wording. do_sample records that these are sampling settings
+# (transformers' generate() follows it; loraplex's API chooses greedy by temperature 0 alone).
+GENERATION_DEFAULTS: dict[str, float | bool] = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
 # Temp dirs of conversions killed before cleanup are removed once this old (a live one takes < 1 min).
 _STALE_TEMP_AGE_S = 3600.0
 
@@ -89,6 +97,7 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     cache_dir = default_cache_dir(cache_dir)
     final_dir = cache_dir / DEFAULT_MODEL_NAME
     if is_converted(final_dir):
+        _add_generation_defaults(final_dir)  # caches converted before the defaults existed
         return final_dir
 
     gguf_path = find_default_gguf()
@@ -118,7 +127,36 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     # The instruct model ends its turns with <|im_end|>, not the GGUF's <|endoftext|>-style eos; the GGUF
     # leaves the context at "unlimited" for the tokenizer, the model's is 8192 tokens.
     gguf.write(out_dir, eos_token=EOS_TOKEN, model_max_length=8192)
+    _add_generation_defaults(out_dir)
     _write_marker(out_dir, gguf_path, time.perf_counter() - started)
+
+
+def _add_generation_defaults(model_dir: Path) -> None:
+    """Put GENERATION_DEFAULTS into generation_config.json where it lacks them (keys already set, by an
+    older conversion's writer or by hand, are kept). Replaced in one rename, so a reader never sees half a
+    file; a read-only cache is left as it is (requests then get OpenAI's defaults)."""
+    path = model_dir / "generation_config.json"
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    missing = {k: v for k, v in GENERATION_DEFAULTS.items() if k not in current}
+    if not missing:
+        return
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".generation_config.", dir=model_dir)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**current, **missing}, f, indent=2)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except OSError:
+        Path(temp).unlink(missing_ok=True)
 
 
 def _write_marker(out_dir: Path, gguf_path: Path, seconds: float) -> None:

@@ -1,6 +1,12 @@
-"""Seeded demo LoRA adapters for any Llama-family base, written in PEFT's on-disk format.
+"""Demo LoRA adapters: the trained ones shipped with the package, and seeded random ones for any base.
 
-Used for demos, tests and benchmarks when no trained adapters are at hand. PEFT itself is only a test
+The trained ones (`demo_lora/`, package data) are what `loraplex serve` serves when given no model and
+no adapters: small LoRAs of the embedded SmolLM2-135M-Instruct that each answer in a style you can see
+(pirate talk, JSON, one sentence), made by `scripts/train_demo_adapters.py`; `demo_lora/
+manifest.json` records the seed, the settings and every file's SHA-256.
+
+The seeded random ones (`loraplex demo-adapters DIR --random`) fit any Llama-family base and are for
+tests and benchmarks, when no trained adapters are at hand. PEFT itself is only a test
 extra, so the format is mirrored by hand; it is what `PeftModel.save_pretrained` writes with peft 0.21:
 
     <name>/adapter_config.json
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter_cache.peft_format import BaseShapes
-from .default_model import default_cache_dir
-from .loader import base_shapes_of, resolve_model_dir
+from .loader import base_shapes_of
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -179,11 +185,30 @@ def write_demo_adapters(
     ]
 
 
-def demo_adapter_sources(cache_dir: str | None = None) -> tuple[tuple[str, str], ...]:
-    """(name, path) of the default model's demo adapters, written once under the cache dir
-    (Config.cache_dir): what `loraplex serve` (and the Ray app) serve when given no model and no adapters."""
-    out = default_cache_dir(cache_dir) / "demo-adapters"
-    names = [spec.name for spec in DEMO_ADAPTERS]
-    if not all((out / n / "adapter_model.safetensors").is_file() for n in names):
-        write_demo_adapters(out, resolve_model_dir(None, cache_dir))
-    return tuple((n, str(out / n)) for n in names)
+TRAINED_DEMO_DIR = Path(__file__).resolve().parent / "demo_lora"
+TRAINED_MANIFEST = TRAINED_DEMO_DIR / "manifest.json"
+
+
+def trained_demo_manifest() -> dict:
+    """demo_lora/manifest.json: how the shipped adapters were made, and each file's SHA-256."""
+    return json.loads(TRAINED_MANIFEST.read_text())
+
+
+def demo_adapter_sources() -> tuple[tuple[str, str], ...]:
+    """(name, path) of the trained demo adapters shipped in the package: what `loraplex serve` (and the
+    Ray app) serve when given no model and no adapters. Read in place; nothing is written."""
+    names = sorted(trained_demo_manifest()["adapters"])
+    return tuple((name, str(TRAINED_DEMO_DIR / name)) for name in names)
+
+
+def copy_trained_demo_adapters(out_dir: Path) -> list[Path]:
+    """Copy the shipped trained demo adapters into `out_dir / name` (to serve or edit them elsewhere)."""
+    paths = []
+    for name, source in demo_adapter_sources():
+        target = Path(out_dir) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in Path(source).iterdir():
+            if file.is_file():
+                shutil.copyfile(file, target / file.name)
+        paths.append(target)
+    return paths

@@ -37,7 +37,7 @@ from ..scheduler.request import Request
 from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.scheduler import Batch, Scheduler
 from .grammar import GrammarCache, GrammarState
-from .loader import DTYPES, base_shapes, load_hf_config, resolve_model_dir
+from .loader import DTYPES, base_shapes, generation_defaults, load_hf_config, resolve_model_dir
 from .model import CausalLM, ModelSpec
 from .offload import DeviceModel
 from .protocol import EngineInfo, RequestOutput, TokenLogprob
@@ -166,6 +166,7 @@ class Engine:
             max_active_adapters=config.max_active_adapters,
             max_lora_rank=config.max_lora_rank,
             max_num_seqs=config.max_num_seqs,
+            sampling_defaults=generation_defaults(model_dir) if config.generation_config == "auto" else {},
         )
         for name in preload:
             self.adapter_cache.load(name, wait=600.0)

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import torch
 
 from ..adapter_cache.peft_format import BaseShapes
-from ..errors import ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
+from ..scheduler.sampling_params import OPENAI_SAMPLING_DEFAULTS, SamplingParams
 from .model import SUPPORTED_ARCHS, CausalLM, KernelOptions, ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,6 +106,31 @@ def _read_config_fast(model_dir: Path) -> SimpleNamespace | None:
         cfg["rope_theta"] = rope["rope_theta"]
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
     return SimpleNamespace(**cfg)
+
+
+def generation_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling fields (OPENAI_SAMPLING_DEFAULTS' keys) that the model's generation_config.json sets:
+    what a request that leaves them out gets, as vLLM does. Its `do_sample` is not consulted (vLLM's
+    rule too): the API's caller chooses greedy with temperature 0. No file: {} (plain OpenAI defaults).
+    A value of the wrong type or range is a ModelLoadError naming it, not a silent fallback."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    found = {k: raw[k] for k in OPENAI_SAMPLING_DEFAULTS if raw.get(k) is not None}
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelLoadError(f"{path}: {key} must be a number, got {value!r}")
+    try:
+        SamplingParams(**found)  # the same range checks as a request's
+    except InvalidRequestError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    return found
 
 
 # tokenizer_config.json classes that are plain `tokenizers` tokenizers: loaded without AutoTokenizer,

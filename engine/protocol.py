@@ -48,6 +48,9 @@ class EngineInfo:
     max_active_adapters: int  # device slots
     max_lora_rank: int
     max_num_seqs: int
+    # Sampling fields the model's generation_config.json sets (Config.generation_config "auto"), used for
+    # requests that leave them out; empty: plain OpenAI defaults (OPENAI_SAMPLING_DEFAULTS).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_capacity_tokens(self) -> int:

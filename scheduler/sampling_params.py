@@ -9,6 +9,15 @@ from .structured_output import StructuredOutput
 
 # OpenAI's own cap on `top_logprobs`; larger k costs a bigger top-k per step for little use.
 MAX_LOGPROBS = 20
+# The fields a model's generation_config.json may default for requests that leave them out (vLLM reads
+# the same ones), with the plain OpenAI value each takes when neither the request nor the model sets it.
+OPENAI_SAMPLING_DEFAULTS: dict[str, float] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def _params(
     if max_tokens is None:  # chat default: the rest of the context
         max_tokens = max(1, state.require_engine().info.max_model_len - len(prompt_ids))
     state.check_fits(prompt_ids, max_tokens)
-    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling.params)
+    defaults = state.require_engine().info.sampling_defaults
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling.resolved(defaults))
 
 
 # ---- completions ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..scheduler.sampling_params import MAX_LOGPROBS
+from ..scheduler.sampling_params import MAX_LOGPROBS, OPENAI_SAMPLING_DEFAULTS
 from .errors import bad_field
 from .structured import ToolChoice, parse_lorax_response_format, parse_openai_structured, parse_tools
 
@@ -115,25 +115,34 @@ class Sampling:
     stream: bool = False
     include_usage: bool = False
 
+    def resolved(self, model_defaults: dict[str, float]) -> dict[str, Any]:
+        """The SamplingParams keywords: the request's own values, else the model's generation-config
+        defaults (EngineInfo.sampling_defaults), else OpenAI's."""
+        return {**OPENAI_SAMPLING_DEFAULTS, **model_defaults, **self.params}
+
 
 def _openai_sampling(f: Fields, max_tokens: int | None) -> Sampling:
     params: dict[str, Any] = {
-        "temperature": f.number("temperature", 1.0, 0.0, 2.0),
-        "top_p": f.number("top_p", 1.0, 0.0, 1.0),
         "frequency_penalty": f.number("frequency_penalty", 0.0, -2.0, 2.0),
         "presence_penalty": f.number("presence_penalty", 0.0, -2.0, 2.0),
         "seed": f.integer("seed", None, 0, MAX_SEED),
         "stop": f.stop(),
-        # extensions (as vLLM names them)
-        "top_k": f.integer("top_k", 0, 0),
-        "min_p": f.number("min_p", 0.0, 0.0, 1.0),
-        "repetition_penalty": f.number("repetition_penalty", 1.0),
         "ignore_eos": f.boolean("ignore_eos"),
         # response_format, structured_outputs, guided_* (server/structured.py)
         "structured": parse_openai_structured(f.data),
     }
-    if params["top_k"] == -1:  # vLLM spells "off" as -1
-        params["top_k"] = 0
+    # The fields a model's generation config may default are kept only when the request sets them
+    # (Sampling.resolved fills the rest); top_k, min_p and repetition_penalty are vLLM's extensions.
+    given = {
+        "temperature": f.number("temperature", None, 0.0, 2.0),
+        "top_p": f.number("top_p", None, 0.0, 1.0),
+        "top_k": f.integer("top_k", None, 0),
+        "min_p": f.number("min_p", None, 0.0, 1.0),
+        "repetition_penalty": f.number("repetition_penalty", None),
+    }
+    if given["top_k"] == -1:  # vLLM spells "off" as -1
+        given["top_k"] = 0
+    params.update({k: v for k, v in given.items() if v is not None})
     n = f.integer("n", 1, 1, MAX_N) or 1
     stream = f.boolean("stream")
     options = f.obj("stream_options")

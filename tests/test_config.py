@@ -44,6 +44,7 @@ ENV_VALUES = {
     "structured_output_compile_timeout": ("2.5", 2.5),
     "structured_output_cache_size": ("16", 16),
     "cache_dir": ("/cache", "/cache"),
+    "generation_config": ("openai", "openai"),
     "lora_backend": ("torch", "torch"),
     "cpu_packed_linear": ("0", False),
     "cpu_lora_rows": ("false", False),

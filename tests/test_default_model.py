@@ -14,6 +14,7 @@ import pytest
 from loraplex.engine import default_model
 from loraplex.engine.default_model import (
     DEFAULT_MODEL_NAME,
+    GENERATION_DEFAULTS,
     MARKER_FILE_NAME,
     DefaultModelError,
     ensure_default_model,
@@ -91,6 +92,28 @@ def test_tokenizer_has_chat_template_and_instruct_eos(converted_dir: Path) -> No
     assert generation.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert generation.pad_token_id == tokenizer.pad_token_id
     assert generation.bos_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+@needs_gguf
+def test_generation_config_sets_the_model_cards_sampling(converted_dir: Path) -> None:
+    from transformers import GenerationConfig
+
+    from loraplex.engine.loader import generation_defaults
+
+    generation = GenerationConfig.from_pretrained(converted_dir)
+    assert (generation.do_sample, generation.temperature, generation.top_p) == (True, 0.2, 0.9)
+    assert generation_defaults(converted_dir) == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_generation_defaults_are_added_to_an_older_cache_without_overriding(tmp_path: Path) -> None:
+    # A cache converted before the defaults existed gets them; a value set by hand stays.
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.7}))
+    default_model._add_generation_defaults(tmp_path)
+    written = json.loads(path.read_text())
+    assert written == {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.7, "do_sample": True, "top_p": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generation_config.json"]  # no temp file left
+    assert set(GENERATION_DEFAULTS) <= set(written)
 
 
 def test_unpermute_rows_inverts_llama_cpp_permutation() -> None:
@@ -201,7 +224,7 @@ def test_conversion_equals_transformers_gguf_loader(fresh_conversion: Path, tmp_
     assert read(fresh_conversion / "tokenizer.json") == read(reference / "tokenizer.json")
     local = ("is_local", "local_files_only")
     assert read(fresh_conversion / "tokenizer_config.json") == read(reference / "tokenizer_config.json", local)
-    ours_gen = read(fresh_conversion / "generation_config.json")
+    ours_gen = read(fresh_conversion / "generation_config.json", tuple(GENERATION_DEFAULTS))
     theirs_gen = read(reference / "generation_config.json")
     assert ours_gen == {k: v for k, v in theirs_gen.items() if k in ours_gen}
     assert (fresh_conversion / "chat_template.jinja").read_text() == (reference / "chat_template.jinja").read_text()

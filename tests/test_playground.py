@@ -13,6 +13,7 @@ missing; `.ci/run` installs both. `playwright install` is never called: it downl
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -497,3 +498,29 @@ def test_response_format_selector(main_server, watched):
     for text in column_texts(page).values():
         assert text.startswith("{"), text
     assert watched.errors == [] and watched.dialogs == []
+
+
+def test_page_preselects_the_base_and_two_demo_adapters(world, watched):
+    # Served under the shipped demo adapters' names, the page opens with base + two of them ticked
+    # (the preferred order: demo-pirate, then demo-json); other names are never preselected.
+    root, base, adapters, _, _ = world
+    demo_dir = root / "demo-named"
+    for name, source in (("demo-json", "a1"), ("demo-pirate", "a0"), ("zeta", "a2")):
+        shutil.copytree(adapters / source, demo_dir / name)
+    args = ["--dtype", "float32", "--kv-cache-gib", "0.05", "--max-lora-rank", "16", "--model", str(base)]
+    server = start_server(
+        [*args, "--served-model-name", BASE, "--adapter-dir", str(demo_dir)], root / "demo.log"
+    )
+    try:
+        wait_ready(server)
+        page = watched.page
+        page.goto(server.url + "/")
+        page.wait_for_function("() => document.querySelectorAll('#columns .column').length === 3")
+        checked = page.eval_on_selector_all("#model-list input:checked", "xs => xs.map(x => x.value)")
+        assert sorted(checked) == sorted([BASE, "demo-pirate", "demo-json"])
+        columns = page.eval_on_selector_all("#columns .column", "cs => cs.map(c => c.dataset.model)")
+        assert columns == [BASE, "demo-pirate", "demo-json"]
+        assert page.is_disabled('#model-list input[value="zeta"]')
+        assert not watched.errors, watched.errors
+    finally:
+        server.terminate()

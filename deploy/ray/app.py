@@ -248,7 +248,7 @@ class LoraplexReplica:
         from loraplex.server.auth import build_key_table
 
         if config.model is None and not config.adapters and config.adapter_dir is None:
-            config = replace(config, adapters=demo_adapter_sources(config.cache_dir))  # as `loraplex serve` does
+            config = replace(config, adapters=demo_adapter_sources())  # as `loraplex serve` does
         self.aengine = AsyncEngine(Engine(config))
         self.aengine.start()  # the app's lifespan would do it; it never runs here
         keys = build_key_table(server.api_key, server.api_keys_file)

@@ -9,6 +9,9 @@
 const MAX_COLUMNS = 3;
 const STATUS_EVERY_MS = 3000;
 const RETRY_LOADING_MS = 1000;
+// The trained demo adapters `loraplex serve` ships: with two of them served, the page opens with the
+// base model and those two ticked, so a first Run shows what an adapter does.
+const DEMO_PICKS = ["demo-pirate", "demo-shout", "demo-json", "demo-terse"];
 
 const state = {
   authRequired: false,
@@ -18,6 +21,7 @@ const state = {
   resident: new Set(), // adapters in a device slot, from /v1/status
   controller: null, // AbortController of the comparison in flight
   statusTimer: null,
+  preselected: false, // the demo preselection happens on the first model list only
 };
 
 const $ = (id) => document.getElementById(id);
@@ -99,10 +103,19 @@ async function loadModels() {
   }
   const known = new Set(state.models.map((m) => m.id));
   state.selected = state.selected.filter((id) => known.has(id));
+  if (!state.preselected) preselectDemo(known);
   for (const m of state.models) if (m.resident) state.resident.add(m.id);
   if (!state.models.length) $("models-note").textContent = "No models for this key.";
   renderModels();
   renderColumns();
+}
+
+function preselectDemo(known) {
+  state.preselected = true;
+  const base = state.models.find((m) => !m.parent);
+  const demos = DEMO_PICKS.filter((id) => known.has(id)).slice(0, MAX_COLUMNS - 1);
+  if (state.selected.length || !base || demos.length < 2) return;
+  state.selected = [base.id, ...demos];
 }
 
 function modelTier(model) {
