@@ -14,7 +14,7 @@ import pytest
 import torch
 from server_fixtures import save_tokenizer
 from structured_schemas import SCHEMAS
-from tiny_models import save_peft_adapter, save_tiny_model
+from tiny_models import reference_greedy, save_peft_adapter, save_tiny_model
 
 from loraplex.config import Config
 from loraplex.engine.async_engine import AsyncEngine
@@ -88,25 +88,10 @@ def _spec(kind: str, value=None) -> StructuredOutput:
 def _hf_constrained(base, adapter_dir, prompt: list[int], compiled, max_new: int) -> list[int]:
     """transformers (+ PEFT) greedy, float32, masked by xgrammar's transformers logits processor."""
     import xgrammar as xgr
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    processors = [xgr.contrib.hf.LogitsProcessor(compiled)] if compiled is not None else []
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new,
-            do_sample=False,
-            eos_token_id=EOS if compiled is not None else None,
-            pad_token_id=2,
-            logits_processor=processors,
-        )
-    tokens = out[0, len(prompt) :].tolist()
+    constrained = compiled is not None
+    processors = [xgr.contrib.hf.LogitsProcessor(compiled)] if constrained else []
+    tokens, _ = reference_greedy(base, adapter_dir, prompt, max_new, processors, EOS if constrained else None)
     return tokens[:-1] if tokens and tokens[-1] == EOS else tokens
 
 

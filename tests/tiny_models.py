@@ -76,8 +76,16 @@ def save_peft_adapter(base_dir: Path, out: Path, rank: int, alpha: float, target
     return out
 
 
-def reference_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new: int):
-    """transformers (+ PEFT) greedy generation of one request alone: (tokens, min top-2 logit margin)."""
+def reference_greedy(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt: list[int],
+    max_new: int,
+    logits_processor: list | None = None,
+    eos_token_id: int | None = None,
+):
+    """transformers (+ PEFT) greedy generation of one request alone: (tokens, min top-2 logit margin).
+    `logits_processor` (e.g. xgrammar's) masks the scores; with `eos_token_id` generation stops there."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -91,8 +99,9 @@ def reference_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int]
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new,
             do_sample=False,
-            eos_token_id=None,
+            eos_token_id=eos_token_id,
             pad_token_id=0,
+            logits_processor=logits_processor or [],
             output_scores=True,
             return_dict_in_generate=True,
         )
