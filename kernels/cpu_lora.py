@@ -6,23 +6,120 @@ at columns off[i]:off[i + 1],
 Layouts: lora_slots.py. Each strategy below computes that same sum exactly; cpu_plan.py picks the
 cheapest per step and shape:
     fused-single  one adapter covers the whole step: x @ [W; A rows]^T in one matmul, then the expand
-    grouped       a matmul pair per distinct slot (per slice for the expand), rank padding skipped
-    dense         every token times every slot of the contiguous active slot range in one matmul, other
-                  slots masked out: a few large calls instead of many tiny ones (short steps, many slots)
-    compact       dense over only the active slots, copied side by side (active slots far apart)
+    grouped       a matmul pair per active adapter (gather its tokens, shrink, expand, scatter back)
+    stacked       every token times every active adapter at once: one shrink matmul over the adapters'
+                  stacked A, a mask keeping each token's own adapter, one expand matmul: 2-3 calls per
+                  linear whatever the number of adapters and slices (decode and mixed steps)
     rows          embedding_bag reads each token's own A and B rows in place from the row tables: only
                   the bytes of the adapters used (decode steps: many adapters, few tokens each)
+
+The stacked copy (StackedAB), shared by grouped and stacked: the step's active adapters' A rows and B
+columns at their TRUE rank, for only the slices each adapter targets, side by side (slot after slot), and
+B block-diagonal (slice i's outputs see only slice i's columns), so one matmul pair covers every slice
+of every adapter: bytes and multiply-adds proportional to what the adapters really hold, no rank padding.
+A LoraSlots keeps the copies of its latest active sets (stack_cache, keyed by the slots and their write
+versions): in steady decode, with the same adapters step after step, no copy is made at all. An adapter
+that does not target this linear (true rank 0 in every slice) costs nothing here.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .cpu_linear import base_linear
-from .cpu_plan import DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
+from .cpu_plan import FIGURES, CostFigures, DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
+
+STACK_CACHE_ENTRIES = 4  # active sets kept per linear (e.g. a decode set and a prefill set alternating)
+
+
+class StackedAB(NamedTuple):
+    """The active adapters of one linear side by side (see the module docstring). Columns k of slot
+    slots[j] are starts[j]:starts[j + 1]; within them, slice after slice, each at its true rank."""
+
+    a: torch.Tensor  # [K, in]: A rows
+    bt: torch.Tensor  # [K, out_total]: B^T, zero outside each column's own slice
+    col_slot: torch.Tensor  # [K] int64: the slot of each column
+    slots: tuple[int, ...]  # the stacked slots (active, rank > 0 here), ascending
+    starts: list[int]  # [len(slots) + 1]
+
+
+class Active(NamedTuple):
+    """The step's adapters as this linear sees them: ranks[j] = true rank of slots[j] per slice."""
+
+    slots: tuple[int, ...]
+    ranks: tuple[tuple[int, ...], ...]
+
+    def ks(self, meta: LoraMeta) -> tuple[int, ...]:
+        """Stacked columns of each of meta's active slots (0: nothing here), aligned with slot_ids_list."""
+        k_of = {s: sum(r) for s, r in zip(self.slots, self.ranks, strict=True)}
+        return tuple(k_of.get(s, 0) for s in meta.slot_ids_list)
+
+
+def active_here(meta: LoraMeta, slice_ranks: list[list[int]] | None, num_slices: int, r_max: int) -> Active:
+    """The step's active slots that hold something for this linear, with their per-slice true ranks.
+    slice_ranks (LoraSlots.slice_ranks) None: every slice at the slot's true rank from the meta."""
+    slots, ranks = [], []
+    for s, r in zip(meta.slot_ids_list, meta.slot_ranks_list, strict=True):
+        per = tuple(slice_ranks[s]) if slice_ranks is not None else (true_rank(r, r_max),) * num_slices
+        if any(per):
+            slots.append(s)
+            ranks.append(per)
+    return Active(tuple(slots), tuple(ranks))
+
+
+def build_stack(
+    lora_a: torch.Tensor,  # [num_slots, num_slices, r_max, in]
+    lora_b: torch.Tensor,  # [num_slots, out_total, r_max]
+    slice_offsets: list[int],
+    active: Active,
+) -> StackedAB:
+    """Copy the active slots' true-rank A rows and B columns side by side (two index_selects and a mask)."""
+    num_slots, num_slices, r_max, in_f = lora_a.shape
+    out_total = lora_b.shape[1]
+    a_idx: list[int] = []
+    b_idx: list[int] = []
+    col_slice: list[int] = []
+    col_slot: list[int] = []
+    starts = [0]
+    for s, ranks in zip(active.slots, active.ranks, strict=True):
+        for i, r in enumerate(ranks):
+            first = (s * num_slices + i) * r_max
+            a_idx.extend(range(first, first + r))
+            b_idx.extend(range(s * r_max, s * r_max + r))
+            col_slice.extend([i] * r)
+            col_slot.extend([s] * r)
+        starts.append(len(a_idx))
+    dev = lora_a.device
+    a = lora_a.reshape(num_slots * num_slices * r_max, in_f).index_select(0, torch.tensor(a_idx, device=dev))
+    b_rows = lora_b.permute(0, 2, 1).reshape(num_slots * r_max, out_total)  # row s * r_max + k = B[s, :, k]
+    bt = b_rows.index_select(0, torch.tensor(b_idx, device=dev))  # [K, out_total]
+    row_slice = torch.repeat_interleave(
+        torch.arange(num_slices, device=dev), torch.tensor(slice_offsets[1:], device=dev) - torch.tensor(slice_offsets[:-1], device=dev)
+    )
+    bt.mul_((torch.tensor(col_slice, device=dev)[:, None] == row_slice[None, :]).to(bt.dtype))  # block-diagonal
+    return StackedAB(a, bt, torch.tensor(col_slot, dtype=torch.int64, device=dev), active.slots, starts)
+
+
+def _cache_key(slots: LoraSlots, active: Active) -> tuple:
+    return (active.slots, tuple(slots.versions[s] for s in active.slots))
+
+
+def stack_of(slots: LoraSlots, active: Active) -> StackedAB:
+    """The slots' stacked copy for this active set, from its cache or built (and cached) now."""
+    key = _cache_key(slots, active)
+    cache = slots.stack_cache
+    stack = cache.pop(key, None)
+    if stack is None:
+        stack = build_stack(slots.lora_a, slots.lora_b, slots.slice_offsets, active)
+        while len(cache) >= STACK_CACHE_ENTRIES:
+            cache.pop(next(iter(cache)))
+    cache[key] = stack  # most recently used last
+    return stack
 
 
 def lora_linear_cpu(
@@ -33,18 +130,31 @@ def lora_linear_cpu(
     slots: LoraSlots,
     meta: LoraMeta,
     plan: Plan | None = None,  # None: the cost model's choice; tests and benchmarks force one
+    figures: CostFigures | None = None,  # None: slots.figures (None there too: the safe default plan)
 ) -> torch.Tensor:
     """y = x W^T + b + every token's LoRA delta -> [num_tokens, out_total] (possibly a strided view)."""
     lora_a = slots.lora_a
-    shape = LinearShape(slots.out_total, lora_a.shape[1], lora_a.shape[2], lora_a.shape[3], x.element_size())
+    num_slices, r_max = lora_a.shape[1], lora_a.shape[2]
+    active = active_here(meta, slots.slice_ranks, num_slices, r_max)
+    if not active.slots:  # no adapter of the step targets this linear
+        return base_linear(x, weight, bias, packed)
+    shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     if plan is None:
+        fig = figures if figures is not None else getattr(slots, "figures", None) or FIGURES  # TODO calibration
+        cached = _cache_key(slots, active) in slots.stack_cache
         # Fusing gives up the packed base matmul, which costs more than it saves: only unpacked W fuses.
-        plan = choose_plan(x.shape[0], shape, meta, slots.rows is not None, can_fuse=packed is None)
+        plan = choose_plan(
+            x.shape[0], shape, meta, active.ks(meta), cached, slots.rows is not None, can_fuse=packed is None, fig=fig
+        )
     if plan == "fused-single":
         assert meta.is_single_full, "fused-single needs one slot covering the whole step"
         return fused_single(x, slots.weight_ext, slots.bias_ext, slots.lora_b, slots.slice_offsets, meta.slot_ids_list[0])
     y = base_linear(x, weight, bias, packed)  # [num_tokens, out_total]
-    apply_delta(plan, y, x, lora_a, slots.lora_b, slots.slice_offsets, meta, slots.rows)
+    if plan == "rows":
+        assert slots.rows is not None, "the rows strategy needs the row tables"
+        delta_rows(y, x, slots.rows, slots.slice_offsets, meta)
+    else:
+        apply_stacked(plan, y, x, stack_of(slots, active), meta)
     return y
 
 
@@ -57,35 +167,38 @@ def lora_delta_cpu(
     meta: LoraMeta,
     rows: RowTables | None = None,
     strategy: DeltaStrategy | None = None,  # None: the cost model's choice; tests and benchmarks force one
+    figures: CostFigures | None = None,  # None: the safe default strategy
 ) -> None:
-    """y += every token's LoRA delta, by the cheapest delta strategy under the cost model."""
+    """y += every token's LoRA delta from plain slot tensors (every slice at the slot's true rank from the
+    meta; nothing is cached between calls)."""
+    num_slices, r_max = lora_a.shape[1], lora_a.shape[2]
+    active = active_here(meta, None, num_slices, r_max)
+    if not active.slots:
+        return
     if strategy is None:
-        shape = LinearShape(y.shape[1], lora_a.shape[1], lora_a.shape[2], lora_a.shape[3], lora_a.element_size())
-        slot_minor_b = lora_b.transpose(0, 1).is_contiguous()
-        strategy = choose_delta(shape, meta, rows is not None, slot_minor_b)
-    apply_delta(strategy, y, x, lora_a, lora_b, slice_offsets, meta, rows)
-
-
-def apply_delta(
-    strategy: DeltaStrategy,
-    y: torch.Tensor,  # [num_tokens, out_total], updated in place
-    x: torch.Tensor,  # [num_tokens, in]
-    lora_a: torch.Tensor,  # [num_slots, num_slices, r_max, in]
-    lora_b: torch.Tensor,  # [num_slots, out_total, r_max]; slot-minor for dense / compact
-    slice_offsets: list[int],
-    meta: LoraMeta,
-    rows: RowTables | None = None,  # required for "rows"
-) -> None:
-    """y += every token's LoRA delta by the named strategy (same math for each)."""
+        shape = LinearShape(y.shape[1], num_slices, r_max, lora_a.shape[3], lora_a.element_size())
+        strategy = choose_delta(shape, meta, active.ks(meta), False, rows is not None, figures)
     if strategy == "rows":
         assert rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, rows, slice_offsets, meta)
-    elif strategy == "dense":
-        delta_dense(y, x, lora_a, lora_b, slice_offsets, meta)
-    elif strategy == "compact":
-        delta_compact(y, x, lora_a, lora_b, slice_offsets, meta)
     else:
-        delta_grouped(y, x, lora_a, lora_b, slice_offsets, meta)
+        apply_stacked(strategy, y, x, build_stack(lora_a, lora_b, slice_offsets, active), meta)
+
+
+def apply_stacked(
+    strategy: DeltaStrategy,
+    y: torch.Tensor,  # [num_tokens, out_total], updated in place
+    x: torch.Tensor,  # [num_tokens, in]
+    stack: StackedAB,
+    meta: LoraMeta,
+) -> None:
+    """y += every token's LoRA delta from the stacked copy, by "grouped" or "stacked"."""
+    if strategy == "stacked":
+        delta_stacked(y, x, stack, meta)
+    elif strategy == "grouped":
+        delta_grouped(y, x, stack, meta)
+    else:
+        raise ValueError(f"not a stacked-copy strategy: {strategy!r}")
 
 
 def fused_single(
@@ -111,94 +224,47 @@ def fused_single(
     return y
 
 
-def _shrink_one(x: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
-    """x [n, in] @ a[:, :rank]^T for every slice of one slot's a [num_slices, r_max, in] -> [n, num_slices * rank]."""
-    num_slices, r_max, in_f = a.shape
-    rank = true_rank(rank, r_max)
-    flat = a.view(num_slices * r_max, in_f) if rank == r_max else a[:, :rank].reshape(num_slices * rank, in_f)
-    return F.linear(x, flat)
+def delta_stacked(
+    y: torch.Tensor,  # [num_tokens, out_total], updated in place
+    x: torch.Tensor,  # [num_tokens, in]
+    stack: StackedAB,
+    meta: LoraMeta,
+) -> None:
+    """y += delta for every token and every stacked adapter at once: h = x A_stack^T (one matmul), zeroed
+    where the column's adapter is not the token's own, then y += h B_stack (one matmul)."""
+    h = F.linear(x, stack.a)  # [num_tokens, K]
+    if not (meta.is_single_full and len(stack.slots) == 1):
+        key = ("stack-mask", stack.slots, tuple(stack.starts), h.dtype)  # they fix col_slot
+        mask = meta.cache.get(key)
+        if mask is None:
+            mask = meta.cache[key] = (meta.token_slot[:, None] == stack.col_slot[None, :]).to(h.dtype)
+        h.mul_(mask)
+    y.addmm_(h, stack.bt)
 
 
 def delta_grouped(
     y: torch.Tensor,  # [num_tokens, out_total], updated in place
     x: torch.Tensor,  # [num_tokens, in]
-    lora_a: torch.Tensor,  # [num_slots, num_slices, r_max, in]
-    lora_b: torch.Tensor,  # [num_slots, out_total, r_max]
-    slice_offsets: list[int],
+    stack: StackedAB,
     meta: LoraMeta,
 ) -> None:
-    """y += delta, one slot at a time: gather the slot's tokens, h = x_s A[s]^T (true rank only), then
-    y_s[:, slice i] += h_i B[s, slice i]^T; scatter back. One adapter covering the whole step needs no
-    gather / scatter."""
-    slices = list(zip(slice_offsets, slice_offsets[1:], strict=False))
-    if meta.is_single_full:
-        slot, rank = meta.slot_ids_list[0], meta.slot_ranks_list[0]
-        h = _shrink_one(x, lora_a[slot], rank)  # [num_tokens, num_slices * rank]
-        rank = h.shape[1] // len(slices)
-        for j, (lo, hi) in enumerate(slices):
-            y[:, lo:hi].addmm_(h[:, j * rank : (j + 1) * rank], lora_b[slot, lo:hi, :rank].T)
+    """y += delta, one adapter at a time: gather its tokens, h = x_s A_s^T, delta_s = h B_s (every slice of
+    the adapter in that one pair), scatter back. One adapter covering the whole step needs no gather."""
+    if meta.is_single_full and len(stack.slots) == 1:
+        y.addmm_(F.linear(x, stack.a), stack.bt)
         return
     xs = x.index_select(0, meta.sorted_idx)  # [num_lora_tokens, in]
     delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)  # [num_lora_tokens, out_total]
+    position = {s: j for j, s in enumerate(stack.slots)}
     for i, slot in enumerate(meta.slot_ids_list):
+        j = position.get(slot)
+        if j is None:  # nothing of this adapter here: its tokens keep zero rows
+            continue
         a, b = meta.seg_starts_list[i], meta.seg_starts_list[i + 1]
-        h = _shrink_one(xs[a:b], lora_a[slot], meta.slot_ranks_list[i])  # [seg_len, num_slices * rank]
-        rank = h.shape[1] // len(slices)
-        for j, (lo, hi) in enumerate(slices):
-            delta[a:b, lo:hi].addmm_(h[:, j * rank : (j + 1) * rank], lora_b[slot, lo:hi, :rank].T)
+        c0, c1 = stack.starts[j], stack.starts[j + 1]
+        h = F.linear(xs[a:b], stack.a[c0:c1])  # [seg_len, k_s]
+        delta[a:b].addmm_(h, stack.bt[c0:c1])
     y.index_add_(0, meta.sorted_idx, delta)
-
-
-def delta_dense(
-    y: torch.Tensor,  # [num_tokens, out_total], updated in place
-    x: torch.Tensor,  # [num_tokens, in]
-    lora_a: torch.Tensor,  # [num_slots, num_slices, r_max, in]
-    lora_b: torch.Tensor,  # [num_slots, out_total, r_max], a view of a slot-minor buffer
-    slice_offsets: list[int],
-    meta: LoraMeta,
-) -> None:
-    """y += delta over the active slot range lo..hi: h = x A[lo..hi]^T for every token and slot (one
-    matmul), zeroed where the slot is not the token's own, then y[:, slice i] += h_i B[lo..hi, slice i]^T
-    (one matmul per slice; slot-minor B makes the range one 2-D matrix)."""
-    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    lo = meta.slot_ids_list[0]
-    span = meta.slot_ids_list[-1] - lo + 1
-    a_range = lora_a[lo : lo + span].view(span * num_slices * r_max, in_f)  # contiguous slots lo..hi
-    h = F.linear(x, a_range).view(x.shape[0], span, num_slices, r_max)
-    b_range = lora_b.transpose(0, 1)[:, lo : lo + span]  # [out_total, span, r_max]
-    _dense_expand(y, h, b_range, meta.slot_onehot(lo, span, h.dtype), slice_offsets)
-
-
-def delta_compact(
-    y: torch.Tensor,  # [num_tokens, out_total], updated in place
-    x: torch.Tensor,  # [num_tokens, in]
-    lora_a: torch.Tensor,  # [num_slots, num_slices, r_max, in]
-    lora_b: torch.Tensor,  # [num_slots, out_total, r_max], a view of a slot-minor buffer
-    slice_offsets: list[int],
-    meta: LoraMeta,
-) -> None:
-    """delta_dense over only the step's active slots (A and B copied side by side), not the whole range."""
-    num_slices, r_max, in_f = lora_a.shape[1], lora_a.shape[2], lora_a.shape[3]
-    k = meta.num_active
-    a_act = lora_a.index_select(0, meta.slot_ids).view(k * num_slices * r_max, in_f)
-    h = F.linear(x, a_act).view(x.shape[0], k, num_slices, r_max)
-    b_act = lora_b.transpose(0, 1).index_select(1, meta.slot_ids)  # [out_total, k, r_max]
-    _dense_expand(y, h, b_act, meta.active_onehot(h.dtype), slice_offsets)
-
-
-def _dense_expand(
-    y: torch.Tensor,  # [num_tokens, out_total]
-    h: torch.Tensor,  # [num_tokens, k, num_slices, r_max]: every token shrunk by each selected slot
-    b_sel: torch.Tensor,  # [out_total, k, r_max]
-    onehot: torch.Tensor,  # [num_tokens, k]: 1 where the selected slot is the token's own
-    slice_offsets: list[int],
-) -> None:
-    """y += each token's own slot's expand, for every selected slot at once: one matmul per slice."""
-    t, k, _, r_max = h.shape
-    h = h * onehot[:, :, None, None]  # keep each token's own slot only
-    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
-        b = b_sel[c0:c1].reshape(c1 - c0, k * r_max)  # a view for a slot range: rows stride num_slots * r_max
-        y[:, c0:c1].addmm_(h[:, :, j].reshape(t, k * r_max), b.T)
 
 
 class _RowIndex:

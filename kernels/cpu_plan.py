@@ -13,8 +13,9 @@ from typing import Literal, NamedTuple
 
 from .meta import LoraMeta
 
-DeltaStrategy = Literal["grouped", "dense", "compact", "rows"]
-Plan = Literal["fused-single", "grouped", "dense", "compact", "rows"]
+DeltaStrategy = Literal["grouped", "stacked", "rows"]
+Plan = Literal["fused-single", "grouped", "stacked", "rows"]
+SAFE_DEFAULT: DeltaStrategy = "grouped"  # the plan without figures: exact for every step, never far off
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,34 @@ def true_rank(rank: int, r_max: int) -> int:
 
 
 def delta_costs(
-    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures = FIGURES
+    shape: LinearShape,
+    meta: LoraMeta,
+    ks: tuple[int, ...],  # stacked columns (sum of true ranks over the slices it targets here) of each active slot
+    stack_cached: bool,  # the stacked copy of this active set is already made (steady decode)
+    has_rows: bool,
+    fig: CostFigures,
 ) -> dict[DeltaStrategy, float]:
-    """Estimated seconds of each delta strategy that applies to this step (cached on meta):
-    grouped always; rows when the row tables exist; dense over the slot range and compact (the active
-    slots copied side by side) when several slots are active and B is slot-minor."""
-    key = ("delta-costs", *shape, has_rows, slot_minor_b, fig)
+    """Estimated seconds of each delta strategy (cached on meta):
+    grouped   a matmul pair per adapter with something here, plus the gather / scatter of a mixed step
+    stacked   2 calls (3 with the mask of a mixed step); every token times every adapter's columns
+    rows      when the row tables exist: embedding_bag calls and the row bytes they read
+    grouped and stacked share the stacked copy: its copies are priced when it is not cached yet."""
+    key = ("delta-costs", *shape, ks, stack_cached, has_rows, fig)
     cached = meta.cache.get(key)
     if cached is not None:
         return cached
     out_total, num_slices, r_max, in_f, elem = shape
     call = fig.call_seconds(elem)
-    costs: dict[DeltaStrategy, float] = {"grouped": (meta.num_active * (1 + num_slices) + 2) * call}
+    io = in_f + out_total
+    segs = [(meta.seg_starts_list[i + 1] - meta.seg_starts_list[i], k) for i, k in enumerate(ks) if k]
+    single = meta.is_single_full and len(segs) == 1
+    total_k = sum(k for _, k in segs)
+    build = 0.0 if stack_cached else 3 * call + 2 * total_k * io * elem / fig.copy_bytes_per_second
+    grouped_flops = sum(2 * n * k * io for n, k in segs)
+    costs: dict[DeltaStrategy, float] = {
+        "grouped": build + (2 * len(segs) + (0 if single else 3)) * call + grouped_flops / fig.flops_per_second,
+        "stacked": build + (2 if single else 3) * call + 2 * meta.num_tokens * total_k * io / fig.flops_per_second,
+    }
     if has_rows:
         token_ranks = sum(
             (meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]) * true_rank(r, r_max)
@@ -77,43 +94,50 @@ def delta_costs(
         )
         row_bytes = (meta.num_lora_tokens * in_f * num_slices * r_max + token_ranks * out_total) * elem
         costs["rows"] = (2 + 3 * num_slices) * fig.row_call_seconds + row_bytes / fig.row_bytes_per_second
-    if meta.num_active > 1 and slot_minor_b:
-        span = meta.slot_ids_list[-1] - meta.slot_ids_list[0] + 1
-        dense_calls = 2 + 2 * num_slices
-        per_token = r_max * (num_slices * in_f + out_total)
-        wasted = 2 * (meta.num_tokens * span - meta.num_lora_tokens) * per_token
-        costs["dense"] = dense_calls * call + wasted / fig.flops_per_second
-        if span > meta.num_active:
-            compact_wasted = 2 * (meta.num_tokens * meta.num_active - meta.num_lora_tokens) * per_token
-            copied = 2 * meta.num_active * per_token * elem
-            costs["compact"] = (dense_calls + 2) * call + compact_wasted / fig.flops_per_second
-            costs["compact"] += copied / fig.copy_bytes_per_second
     meta.cache[key] = costs
     return costs
 
 
 def choose_delta(
-    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures = FIGURES
+    shape: LinearShape,
+    meta: LoraMeta,
+    ks: tuple[int, ...],
+    stack_cached: bool,
+    has_rows: bool,
+    fig: CostFigures | None,
 ) -> DeltaStrategy:
-    """The cheapest delta strategy for this step under the cost model."""
-    costs = delta_costs(shape, meta, has_rows, slot_minor_b, fig)
+    """The cheapest delta strategy under the cost model; without figures, the safe default."""
+    if fig is None:
+        return SAFE_DEFAULT
+    costs = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)
     return min(costs, key=costs.__getitem__)
 
 
 def choose_plan(
-    num_tokens: int, shape: LinearShape, meta: LoraMeta, has_rows: bool, can_fuse: bool, fig: CostFigures = FIGURES
+    num_tokens: int,
+    shape: LinearShape,
+    meta: LoraMeta,
+    ks: tuple[int, ...],
+    stack_cached: bool,
+    has_rows: bool,
+    can_fuse: bool,
+    fig: CostFigures | None,
 ) -> Plan:
     """'fused-single' (the shrink rides in the base matmul: one adapter covers the whole step and W is not
     packed) or the delta strategy that follows a base matmul of its own. Cached on meta."""
-    key = ("plan", *shape, has_rows, can_fuse, fig)
+    if fig is None:
+        return SAFE_DEFAULT
+    key = ("plan", *shape, ks, stack_cached, has_rows, can_fuse, fig)
     plan: Plan | None = meta.cache.get(key)
     if plan is None:
-        plan = choose_delta(shape, meta, has_rows, True, fig)  # LoraSlots keeps B slot-minor
+        plan = choose_delta(shape, meta, ks, stack_cached, has_rows, fig)
         if can_fuse and meta.is_single_full:
-            separate = delta_costs(shape, meta, has_rows, True, fig)[plan]
-            # The fused matmul computes every slot 0..slot (their A rows sit under W in order).
+            separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
+            # The fused matmul computes every slot 0..slot at r_max (their A rows sit under W in order),
+            # then one expand per slice.
             rows = (meta.slot_ids_list[0] + 1) * shape.num_slices * shape.r_max
             fused = 2 * num_tokens * rows * shape.in_features / fig.flops_per_second
+            fused += 2 * num_tokens * shape.r_max * shape.out_total / fig.flops_per_second
             if fused + shape.num_slices * fig.call_seconds(shape.elem) < separate:
                 plan = "fused-single"
         meta.cache[key] = plan

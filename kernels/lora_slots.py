@@ -9,7 +9,10 @@ Layouts (num_slices output slices at column offsets off[0..num_slices], slots of
                 matrix (the CPU dense strategy)
     rows:       CPU only, optional: the same weights as row tables (RowTables), read in place by the
                 CPU rows strategy; memory: one more copy of the slots
-Ranks below r_max are zero-padded: padding contributes nothing to any sum.
+Ranks below r_max are zero-padded: padding contributes nothing to any sum. `slice_ranks[s][i]` is the
+true rank slot s holds for slice i (0: its adapter does not target that slice), and `versions[s]` counts
+writes to slot s, so a derived copy of a slot (the CPU stacked strategy's, kernels/cpu_lora.py) knows
+when it is stale.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class LoraSlots:
                 self.bias_ext[:out_total] = bias
         self.lora_a = self.weight_ext[out_total:].view(num_slots, num_slices, r_max, in_f)
         self.lora_b = zeros((out_total, num_slots, r_max), dtype, device).transpose(0, 1)
+        self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
+        self.versions: list[int] = [0] * num_slots
+        self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
         self.rows: RowTables | None = None
         if with_row_tables:
             self.rows = RowTables(
@@ -112,6 +118,8 @@ class LoraSlots:
             if r < r_max:
                 self.lora_a[slot, i, r:].zero_()
                 self.lora_b[slot, c0:c1, r:].zero_()
+            self.slice_ranks[slot][i] = r
+        self.versions[slot] += 1
         if self.rows is not None:
             self._copy_slot_to_rows(slot)
 

@@ -8,9 +8,18 @@ import torch
 
 from loraplex.kernels import LoraSlots, build_lora_meta, lora_delta_cpu
 from loraplex.kernels.cpu_lora import lora_linear_cpu
-from loraplex.kernels.cpu_plan import LinearShape, choose_plan, delta_costs
+from loraplex.kernels.cpu_lora import active_here, stack_of
+from loraplex.kernels.cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs
 from loraplex.kernels.lora_slots import row_tables
 from loraplex.kernels.reference import lora_delta_loop
+
+
+# Figures of a plausible 2-core x86 machine, fixed here so the cost-model tests do not depend on the
+# machine they run on (the engine measures its own: kernels/cpu_calibrate.py).
+FIG = CostFigures(
+    call_seconds_16bit=20e-6, call_seconds_32bit=8e-6, flops_per_second=1e11, copy_bytes_per_second=1e10,
+    row_call_seconds=10e-6, row_bytes_per_second=2.5e10,
+)
 
 
 def _offsets(slices: list[int]) -> list[int]:
@@ -38,7 +47,7 @@ def _expected(x, y, a, b, offsets, token_slot) -> torch.Tensor:
     return y + lora_delta_loop(x, a, b, offsets, token_slot).delta
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "dense", "compact", "rows", None])
+@pytest.mark.parametrize("strategy", ["grouped", "stacked", "rows", None])
 @pytest.mark.parametrize(
     "num_tokens, num_slots, slices, r_max, in_f, seed",
     [
@@ -56,7 +65,7 @@ def test_delta_strategies_match_loop(strategy, num_tokens, num_slots, slices, r_
     if meta is None:
         pytest.skip("no LoRA token drawn")
     out = y.clone()
-    lora_delta_cpu(out, x, a, b, offsets, meta, row_tables(a, b, offsets), strategy=strategy)
+    lora_delta_cpu(out, x, a, b, offsets, meta, row_tables(a, b, offsets), strategy=strategy, figures=FIG)
     torch.testing.assert_close(out, _expected(x, y, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     untouched = [t for t, s in enumerate(token_slot) if s < 0]
     assert torch.equal(out[untouched], y[untouched])  # base-only tokens get exactly nothing added
@@ -80,10 +89,10 @@ def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
 
     qkv = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=2)  # SmolLM2-135M, bf16
     decode = build_lora_meta(list(range(0, 32, 2)), [16] * 32)  # 16 tokens, 16 distinct of 32 slots
-    costs = delta_costs(qkv, decode, has_rows=True, slot_minor_b=True)
+    costs = delta_costs(qkv, decode, (48,) * 16, False, True, FIG)
     assert min(costs, key=costs.__getitem__) == "rows", costs
     prefill = build_lora_meta([3] * 300 + [9] * 200, [16] * 32)  # long prompts of two adapters
-    costs = delta_costs(qkv, prefill, has_rows=True, slot_minor_b=True)
+    costs = delta_costs(qkv, prefill, (48, 48), True, True, FIG)
     assert min(costs, key=costs.__getitem__) == "grouped", costs
 
 
@@ -112,7 +121,7 @@ def _slots_case(bias: bool, rows: bool, seed: int = 9):
     return x, slots, base, a, b, offsets, token_slot, ranks
 
 
-@pytest.mark.parametrize("plan", ["fused-single", "grouped", "dense", "compact", "rows", None])
+@pytest.mark.parametrize("plan", ["fused-single", "grouped", "stacked", "rows", None])
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear_cpu_plans_match_loop(plan, bias):
     """Base matmul + LoRA over slots written by LoraSlots.write: every plan computes the same y."""
@@ -120,7 +129,7 @@ def test_lora_linear_cpu_plans_match_loop(plan, bias):
     if plan == "fused-single":
         token_slot = [3] * len(token_slot)
     meta = build_lora_meta(token_slot, ranks)
-    y = lora_linear_cpu(x, slots.weight, slots.bias, None, slots, meta, plan=plan)
+    y = lora_linear_cpu(x, slots.weight, slots.bias, None, slots, meta, plan=plan, figures=FIG)
     torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
 
 
@@ -142,11 +151,12 @@ def test_plan_fuses_only_unpacked_single_adapter_steps():
     """fused-single is considered only when one slot covers the whole step and W is not packed."""
     shape = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=4)
     single = build_lora_meta([0] * 8, [16] * 4)
-    assert choose_plan(8, shape, single, has_rows=True, can_fuse=True) == "fused-single"
+    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=True, fig=FIG) == "fused-single"
     single = build_lora_meta([0] * 8, [16] * 4)
-    assert choose_plan(8, shape, single, has_rows=True, can_fuse=False) != "fused-single"
+    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=False, fig=FIG) != "fused-single"
     mixed = build_lora_meta([0, 1] * 4, [16] * 4)
-    assert choose_plan(8, shape, mixed, has_rows=True, can_fuse=True) != "fused-single"
+    assert choose_plan(8, shape, mixed, (48, 48), False, has_rows=True, can_fuse=True, fig=FIG) != "fused-single"
+    assert choose_plan(8, shape, mixed, (48, 48), False, has_rows=True, can_fuse=True, fig=None) == "grouped"
 
 
 def test_packed_cpu_linear_equals_plain_linear():
@@ -187,3 +197,60 @@ def test_meta_in_preallocated_buffers_equals_fresh_meta():
             assert torch.equal(getattr(fresh, name), getattr(reused, name)), name
         assert reused.slot_ids_list == fresh.slot_ids_list and reused.is_single_full == fresh.is_single_full
     assert buffers.capacity >= 40
+
+
+@pytest.mark.parametrize("plan", ["grouped", "stacked", None])
+def test_stacked_copy_reads_only_true_ranks_of_targeted_slices(plan):
+    """Adapters of different ranks targeting different slices: the stacked copy holds only their true-rank
+    rows of the slices they target, so garbage in the padding and in untargeted slices is never read,
+    and a linear no active adapter targets returns the base output exactly."""
+    slices, r_max, in_f, num_slots = [20, 8, 8], 4, 16, 4
+    offsets = _offsets(slices)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(sum(slices), in_f, generator=g, dtype=torch.float64)
+    slots = LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=False)
+    targets = {0: {0: 2, 2: 1}, 1: {1: 4}, 2: {}, 3: {0: 3, 1: 3, 2: 3}}  # slot -> {slice: rank}
+    a = torch.zeros(num_slots, 3, r_max, in_f, dtype=torch.float64)
+    b = torch.zeros(num_slots, sum(slices), r_max, dtype=torch.float64)
+    for s, per in targets.items():
+        per_slice = []
+        for i in range(3):
+            r = per.get(i, 0)
+            a[s, i, :r] = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+            b[s, offsets[i] : offsets[i + 1], :r] = torch.randn(slices[i], r, generator=g, dtype=torch.float64)
+            per_slice.append((a[s, i, :r], b[s, offsets[i] : offsets[i + 1], :r]) if r else None)
+        slots.write(s, per_slice)
+    for s, per in targets.items():  # garbage where nothing may be read
+        for i in range(3):
+            r = per.get(i, 0)
+            slots.lora_a[s, i, r:] = 1e6
+            slots.lora_b[s, offsets[i] : offsets[i + 1], r:] = 1e6
+    x = torch.randn(10, in_f, generator=g, dtype=torch.float64)
+    token_slot = [0, 1, 3, -1, 2, 0, 3, 3, 1, 2]
+    meta = build_lora_meta(token_slot, [4] * num_slots)
+    active = active_here(meta, slots.slice_ranks, 3, r_max)
+    assert active.slots == (0, 1, 3) and active.ks(meta) == (3, 4, 0, 9)  # slot 2 holds nothing here
+    y = lora_linear_cpu(x, w, None, None, slots, meta, plan=plan, figures=FIG)
+    torch.testing.assert_close(y, _expected(x, x @ w.T, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+    assert stack_of(slots, active).a.shape == (16, in_f)  # 3 + 4 + 9 columns: true ranks, targeted slices
+    only_empty = build_lora_meta([2, -1, 2], [4] * num_slots)
+    assert torch.equal(lora_linear_cpu(x[:3], w, None, None, slots, only_empty, plan=plan, figures=FIG), x[:3] @ w.T)
+
+
+def test_stacked_copy_is_reused_until_a_slot_is_rewritten():
+    """The same active set step after step reuses the cached stacked copy; a write to one of its slots
+    makes the next step use the new weights."""
+    x, slots, base, a, b, offsets, token_slot, ranks = _slots_case(bias=False, rows=False)
+    meta = build_lora_meta(token_slot, ranks)
+    active = active_here(meta, slots.slice_ranks, 3, 4)
+    first = stack_of(slots, active)
+    assert stack_of(slots, active_here(build_lora_meta(token_slot, ranks), slots.slice_ranks, 3, 4)) is first
+    s = meta.slot_ids_list[0]
+    new_a, new_b = torch.ones(1, a.shape[3], dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64)
+    slots.write(s, [None, (new_a, new_b), None])
+    a[s], b[s] = 0, 0
+    a[s, 1, :1], b[s, 20:28, :1] = new_a, new_b
+    meta = build_lora_meta(token_slot, ranks)
+    y = lora_linear_cpu(x, slots.weight, None, None, slots, meta, plan="stacked", figures=FIG)
+    torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+    assert stack_of(slots, active_here(meta, slots.slice_ranks, 3, 4)) is not first

@@ -36,7 +36,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "no-rows"])
 def test_mixed_batch_matches_transformers_peft(arch_setup, rows):
-    """rows=False takes away the CPU row tables, so the matmul strategies (grouped, dense, compact,
+    """rows=False takes away the CPU row tables, so the matmul strategies (grouped, stacked,
     fused-single: kernels/cpu_lora.py) serve."""
     arch, base, adapters = arch_setup
     adapter_args = tuple((n, str(p)) for n, p in adapters.items())
