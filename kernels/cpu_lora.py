@@ -34,7 +34,7 @@ from .cpu_plan import FIGURES, CostFigures, DeltaStrategy, LinearShape, Plan, ch
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
-STACK_CACHE_ENTRIES = 4  # active sets kept per linear (e.g. a decode set and a prefill set alternating)
+STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
 class StackedAB(NamedTuple):
