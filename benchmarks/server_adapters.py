@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,10 +119,12 @@ def prepare_adapters(adapters: list[AdapterCase]) -> dict[str, Path]:
     shapes = base_shapes_of(model_dir)
     root = default_cache_dir() / CACHE_TAG
     out = {}
-    for i, a in enumerate(adapters):
+    every = [a for case in CASES.values() for a in case]
+    for a in adapters:
         folder = root / a.name
         if not (folder / "adapter_config.json").is_file():  # written last by write_lora_adapter
-            spec = DemoAdapterSpec(a.name, r=a.r, lora_alpha=2 * a.r, target_modules=a.targets, seed=1500 + i, b_std=0.002)
+            seed = 1500 + every.index(a)  # the same weights whichever subset of cases wrote them
+            spec = DemoAdapterSpec(a.name, r=a.r, lora_alpha=2 * a.r, target_modules=a.targets, seed=seed, b_std=0.002)
             write_lora_adapter(folder, spec, shapes, str(model_dir), dtype=torch.bfloat16)
         out[a.name] = folder
     return out
@@ -301,6 +304,7 @@ def main() -> None:
     port = free_port()
     argv = serve_argv(args, adapters, port)
     print(f"serving {package} ({git_commit(Path(package))}): {shlex.join(argv)}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill of this script still stops the server
     server = Server("loraplex", argv, port, tmp / "server.log", env=env, cwd=tmp)
     points: list[dict] = []
     try:
