@@ -82,11 +82,15 @@ def prepare(num_adapters: int, rank: int) -> tuple[Path, Path, list[str]]:
 class ServerProcess:
     """One server started by its script in its own process group (vLLM forks an engine process)."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.name, self.argv, self.log_path = name, argv, log_path
         self.url = f"http://127.0.0.1:{port}"
         self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
+        )
 
     def wait_ready(self, probe_model: str, timeout: float) -> float:
         """Seconds until a one-token chat request answers 200."""

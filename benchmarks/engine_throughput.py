@@ -13,29 +13,54 @@ The kernel switches (A/B runs) are the engine's Config fields, as flags or LORAP
 (e.g. LORAPLEX_CPU_PACKED_LINEAR=0), exactly as `loraplex serve` takes them.
 
 Decode tok/s counts only pure decode steps (one token per sequence), timed by the engine's step log.
-"bound" is the memory-traffic bound of the row: bytes of base weights / (base + distinct adapters' weights)
-read per decode step, relative to base-only.
+Repeats (`--repeats`, alias `--rounds`) interleave the rows of a batch: each repeat runs every row once,
+"kept" is the median over repeats of (row tok/s / base-only tok/s of the same repeat).
+
+"bound" is the row's roofline bound relative to base-only, from bytes or from FLOPs, whichever binds:
+  bytes bound = base weight bytes / (base bytes + distinct adapters' bytes), all read once per decode step;
+  flops bound = base FLOPs per token / (base + LoRA FLOPs per token), where base FLOPs per token =
+      2 x (in x out) summed over the linears of the step: the seven projections of every layer and the
+      lm_head (every decode token gets logits). Not counted: the embedding lookup (a gather, no FLOPs),
+      attention over the KV cache (grows with the context; ~1% at these lengths), norms, activations, rope.
+      LoRA FLOPs per token = sum over the adapter's targeted linears of 2 x r x (in + out) (shrink x A, then
+      expand x B) at its true rank; every token of an adapter row carries an adapter.
+Which resource binds is decided per batch from the base-only row of the same run: its bytes/s against this
+machine's copy bandwidth (a large tensor copy, read + written bytes, best of 5) and its FLOP/s against the
+matmul FLOP rate in the run's dtype (the model's fused gate+up projection at that batch, through the same
+base-linear kernel as the engine, best of 5). The base-only row binds on the resource it uses more of; an
+adapter row binds on the resource whose base-only utilization / the row's bound of it is the larger (the
+one the row's extra work would saturate first: 32 adapters' bytes can make a FLOP-bound batch
+bytes-bound), and bound = that resource's bound.
+Targets (batch 32): kept >= 0.85x with 1 adapter, 0.7x with 8, 0.5x with 32, and kept/bound >= 0.85.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchutil import cpu_flags, cpu_name, write_results_section
 
 from loraplex.cli import add_settings
 from loraplex.config import Config
 from loraplex.engine.demo_adapters import ALL_LINEAR_MODULES, DemoAdapterSpec, write_lora_adapter
 from loraplex.engine.engine import Engine
 from loraplex.engine.loader import base_shapes_of, resolve_model_dir
+from loraplex.engine.model import ModelSpec
+from loraplex.kernels.cpu_linear import base_linear, pack_weight
 from loraplex.scheduler.sampling_params import SamplingParams
 
 KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows")
+TARGETS_B32 = {1: 0.85, 8: 0.7, 32: 0.5}  # batch 32: adapters -> kept it must reach
+KEPT_VS_BOUND_TARGET = 0.85
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
 
 
@@ -47,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", "--rounds", type=int, default=3, help="rounds: every row once per round")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--adapters", default="0,1,8,32", help="distinct adapter counts (0 = base only)")
     ap.add_argument("--rank", type=int, default=16)
@@ -57,6 +82,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--static-batch", default="2,4,8,16", help="arrivals mode: static batch sizes to compare")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--write-results", action="store_true", help="decode mode: put a section into benchmarks/RESULTS.md")
+    ap.add_argument("--label", default="", help="suffix of the RESULTS.md section's marker (keeps runs apart)")
     add_settings(ap, Config, only=KERNEL_SWITCHES)
     args = ap.parse_args()
     args.out = args.out or f"benchmarks/out/engine_{args.mode}.json"
@@ -84,6 +111,13 @@ def main() -> None:
     prompt_ids = engine.encode(PROMPT)
     if args.mode == "arrivals":
         return arrivals_main(engine, adapters, args)
+    spec: ModelSpec = engine.model.spec
+    base_flops = base_flops_per_token(spec)
+    lora_flops = lora_flops_per_token(spec, ALL_LINEAR_MODULES, args.rank)
+    bandwidth = copy_bandwidth(engine_device(engine))
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; FLOPs per token: base {base_flops / 1e6:.1f} M, "
+          f"rank-{args.rank} all-linear LoRA {lora_flops / 1e6:.2f} M", flush=True)  # fmt: skip
+    machine_rates: dict[int, float] = {}  # batch -> matmul FLOP/s
     rows = []
     for batch in batches:
         ks = [k for k in counts if k <= batch]
@@ -101,12 +135,36 @@ def main() -> None:
                 decode = [(n, sec) for n, seqs, sec in engine.step_log if n == seqs]
                 rates[k].append(sum(n for n, _ in decode) / sum(sec for _, sec in decode))
         engine.step_log = None
+        flop_rate = matmul_flop_rate(engine, batch)
+        machine_rates[batch] = flop_rate
+        util = None
+        if 0 in rates:  # the base-only row decides which resource binds at this batch
+            step_s = batch / median(rates[0])
+            util = {"bytes": base_bytes / step_s / bandwidth, "flops": batch * base_flops / step_s / flop_rate}
         for k in ks:
             tps = median(rates[k])
             kept = median([r / b for r, b in zip(rates[k], rates[0], strict=True)]) if 0 in rates else None
-            bound = base_bytes / (base_bytes + k * adapter_bytes)
-            rows.append(dict(engine="loraplex", batch=batch, adapters=k, tok_s=tps, kept=kept, bound=bound, kept_vs_bound=None if kept is None else kept / bound))
-            print(f"loraplex  batch={batch:3d} adapters={k:3d} {tps:8.1f} tok/s  kept={kept if kept is None else round(kept, 3)}  bound={bound:.3f}", flush=True)
+            bounds = {
+                "bytes": base_bytes / (base_bytes + k * adapter_bytes),
+                "flops": base_flops / (base_flops + (lora_flops if k else 0)),
+            }
+            # the resource this row would use most of: base-only utilization / the row's bound (for the
+            # base-only row itself, simply the larger utilization); no base-only row: bytes, as before
+            binding = None if util is None else max(util, key=lambda name: util[name] / bounds[name])
+            bound = bounds[binding or "bytes"]
+            row = dict(engine="loraplex", batch=batch, adapters=k, tok_s=tps, kept=kept, bound=bound,
+                       kept_vs_bound=None if kept is None else kept / bound, bytes_bound=bounds["bytes"],
+                       flops_bound=bounds["flops"], binding=binding, kept_per_repeat=[r / b for r, b in zip(rates[k], rates[0], strict=True)] if 0 in rates else None,
+                       tok_s_per_repeat=rates[k])  # fmt: skip
+            if k == 0 and util is not None:
+                row.update(bytes_utilization=util["bytes"], flops_utilization=util["flops"])
+            row["target"] = target_verdict(row)
+            rows.append(row)
+            print(f"loraplex  batch={batch:3d} adapters={k:3d} {tps:8.1f} tok/s  kept={kept if kept is None else round(kept, 3)}  "
+                  f"bound={bound:.3f} ({binding or 'bytes'}: bytes {bounds['bytes']:.3f}, flops {bounds['flops']:.3f})", flush=True)  # fmt: skip
+        if util is not None:
+            print(f"          batch={batch:3d} base-only utilization: bytes {util['bytes']:.2f} of {bandwidth / 1e9:.1f} GB/s, "
+                  f"flops {util['flops']:.2f} of {flop_rate / 1e9:.1f} GFLOP/s", flush=True)  # fmt: skip
         if not args.skip_transformers and batch in (1, 8):
             tps = transformers_decode_tps(model_dir, args.dtype, prompt_ids, batch, args.new_tokens, args.repeats)
             rows.append(dict(engine="transformers", batch=batch, adapters=0, tok_s=tps, kept=None, bound=1.0, kept_vs_bound=None))
@@ -116,6 +174,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         machine=platform.processor() or platform.machine(),
+        cpu_name=cpu_name(),
+        cpu_flags=cpu_flags(),
+        cores=os.cpu_count(),
         cpus=torch.get_num_threads(),
         torch=torch.__version__,
         dtype=args.dtype,
@@ -124,10 +185,132 @@ def main() -> None:
         prompt_tokens=len(prompt_ids),
         base_bytes=base_bytes,
         adapter_bytes=adapter_bytes,
+        base_flops_per_token=base_flops,
+        lora_flops_per_token=lora_flops,
+        copy_bandwidth_bytes_s=bandwidth,
+        matmul_flop_s={str(b): r for b, r in machine_rates.items()},
+        repeats=args.repeats,
+        command="python benchmarks/engine_throughput.py " + shlex.join(sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d %H:%M"),
         **{name: getattr(args, name) for name in KERNEL_SWITCHES},  # which A/B variant this run measured
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
+    if args.write_results:
+        write_results(meta, rows, args.label)
+
+
+def base_flops_per_token(spec: ModelSpec) -> int:
+    """FLOPs of one decode token in the base model's linears: 2 x in x out of the seven projections of
+    every layer, plus the lm_head's 2 x hidden x vocab (see the module docstring for what is left out)."""
+    per_layer = sum(i * o for i, o in spec.lora_shapes().values())
+    return 2 * (spec.num_layers * per_layer + spec.hidden_size * spec.vocab_size)
+
+
+def lora_flops_per_token(spec: ModelSpec, targets: tuple[str, ...], r: int) -> int:
+    """FLOPs one token adds through a rank-r adapter on `targets`: 2 x r x (in + out) per targeted linear
+    of every layer (x A [r, in], then x B [out, r])."""
+    shapes = spec.lora_shapes()
+    return spec.num_layers * sum(2 * r * (shapes[m][0] + shapes[m][1]) for m in targets)
+
+
+def engine_device(engine: Engine) -> torch.device:
+    return engine.model.embed.weight.device
+
+
+def _best_seconds(fn, device: torch.device, tries: int = 5, min_s: float = 0.05) -> float:
+    """Best over `tries` of the mean seconds per fn() call, each try long enough (>= min_s) to time."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    calls = 1
+    while True:  # calls per try: enough for min_s
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        if time.perf_counter() - t0 >= min_s or calls >= 1 << 16:
+            break
+        calls *= 2
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of a large tensor copy (read + written bytes: 2 x nbytes per copy), best of 5."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), device)
+
+
+def matmul_flop_rate(engine: Engine, batch: int) -> float:
+    """FLOP/s of the model's fused gate+up projection ([batch, hidden] x [2 x intermediate, hidden]^T) in
+    the engine's dtype, through the engine's base-linear kernel (packed where the engine packs), best of 5."""
+    spec: ModelSpec = engine.model.spec
+    weight_ref = engine.model.embed.weight
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(2 * spec.intermediate_size, spec.hidden_size, generator=g) * 0.02).to(weight_ref)
+    x = torch.randn(batch, spec.hidden_size, generator=g).to(weight_ref)
+    packed = pack_weight(weight) if engine.model.kernels.cpu_packed_linear else None
+    seconds = _best_seconds(lambda: base_linear(x, weight, None, packed), weight_ref.device)
+    return 2 * batch * spec.hidden_size * 2 * spec.intermediate_size / seconds
+
+
+def target_verdict(row: dict) -> str | None:
+    """The issue's target for a batch-32 adapter row, with met / missed; None for other rows."""
+    want = TARGETS_B32.get(row["adapters"]) if row["batch"] == 32 else None
+    if want is None or row["kept"] is None:
+        return None
+    kept_ok = "met" if row["kept"] >= want else "missed"
+    bound_ok = "met" if row["kept_vs_bound"] >= KEPT_VS_BOUND_TARGET else "missed"
+    return f"kept >= {want:g}x: {kept_ok}; kept/bound >= {KEPT_VS_BOUND_TARGET:g}: {bound_ok}"
+
+
+def write_results(meta: dict, rows: list[dict], label: str) -> None:
+    """A marked RESULTS.md section (one per dtype and label) with the decode table and the machine."""
+    key = "engine-decode" + ("" if meta["dtype"] == "bfloat16" else f"-{meta['dtype']}") + (f"-{label}" if label else "")
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    rates = ", ".join(f"batch {b}: {r / 1e9:.0f}" for b, r in meta["matmul_flop_s"].items())
+    section = f"""{begin}
+Run {meta["date"]} on {meta["cpu_name"]} ({meta["cores"]} cores, {meta["cpus"]} torch threads;
+{" ".join(meta["cpu_flags"]) or "no AVX-512/AMX flags"}), torch {meta["torch"]}, {meta["dtype"]}, rank-{meta["rank"]}
+all-linear adapters, {meta["new_tokens"]} new tokens after a {meta["prompt_tokens"]}-token prompt, {meta["repeats"]} rounds.
+
+    {meta["command"]}
+
+Copy bandwidth {meta["copy_bandwidth_bytes_s"] / 1e9:.1f} GB/s; gate+up matmul GFLOP/s ({rates}); FLOPs per
+token: base {meta["base_flops_per_token"] / 1e6:.1f} M, LoRA {meta["lora_flops_per_token"] / 1e6:.2f} M. "kept": median over
+rounds of tok/s / base-only tok/s of the same round; "bound": the bytes or FLOPs bound, whichever the
+base-only row of that batch uses more of (see benchmarks/engine_throughput.py).
+
+{markdown_table(rows)}
+{end}"""
+    heading = f"Decode throughput and its roofline bound (issue 15){', ' + meta['dtype'] if meta['dtype'] != 'bfloat16' else ''}{', ' + label if label else ''}"
+    write_results_section(section, begin, end, heading)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| engine | batch | adapters | tok/s | kept | bytes bound | flops bound | binding | bound | kept/bound | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    fmt = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {r['batch']} | {r['adapters']} | {r['tok_s']:.1f} | {fmt(r['kept'])} | {fmt(r.get('bytes_bound'))} "
+            f"| {fmt(r.get('flops_bound'))} | {r.get('binding') or ''} | {r['bound']:.3f} | {fmt(r['kept_vs_bound'])} | {r.get('target') or ''} |"
+        )
+    return "\n".join(lines)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -242,11 +425,15 @@ def transformers_decode_tps(model_dir: Path, dtype: str, prompt_ids: list[int], 
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'engine':13s} {'batch':>5s} {'adapters':>8s} {'tok/s':>9s} {'kept':>6s} {'bound':>6s} {'kept/bound':>10s}")
+    print(f"\n{'engine':13s} {'batch':>5s} {'adapters':>8s} {'tok/s':>9s} {'kept':>6s} {'bytes bd':>8s} {'flops bd':>8s} "
+          f"{'binding':>7s} {'bound':>6s} {'kept/bound':>10s}  target")  # fmt: skip
     for r in rows:
         kept = "" if r["kept"] is None else f"{r['kept']:.2f}"
         kb = "" if r["kept_vs_bound"] is None else f"{r['kept_vs_bound']:.2f}"
-        print(f"{r['engine']:13s} {r['batch']:5d} {r['adapters']:8d} {r['tok_s']:9.1f} {kept:>6s} {r['bound']:6.3f} {kb:>10s}")
+        bb = "" if r.get("bytes_bound") is None else f"{r['bytes_bound']:.3f}"
+        fb = "" if r.get("flops_bound") is None else f"{r['flops_bound']:.3f}"
+        print(f"{r['engine']:13s} {r['batch']:5d} {r['adapters']:8d} {r['tok_s']:9.1f} {kept:>6s} {bb:>8s} {fb:>8s} "
+              f"{r.get('binding') or '':>7s} {r['bound']:6.3f} {kb:>10s}  {r.get('target') or ''}")  # fmt: skip
 
 
 if __name__ == "__main__":
