@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_linear import base_linear
-from .cpu_plan import FIGURES, CostFigures, DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
+from .cpu_plan import (
+    FIGURES,
+    CostFigures,
+    DeltaStrategy,
+    LinearShape,
+    Plan,
+    choose_delta,
+    choose_plan,
+    true_rank,
+)
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from loraplex.kernels import LoraSlots, build_lora_meta, lora_delta_cpu
-from loraplex.kernels.cpu_lora import lora_linear_cpu
-from loraplex.kernels.cpu_lora import active_here, stack_of
+from loraplex.kernels.cpu_lora import active_here, lora_linear_cpu, stack_of
 from loraplex.kernels.cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs
 from loraplex.kernels.lora_slots import row_tables
 from loraplex.kernels.reference import lora_delta_loop
-
 
 # Figures of a plausible 2-core x86 machine, fixed here so the cost-model tests do not depend on the
 # machine they run on (the engine measures its own: kernels/cpu_calibrate.py).
