@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_linear import base_linear
-from .cpu_plan import DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
+from .cpu_plan import CostFigures, DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
@@ -34,12 +34,13 @@ def lora_linear_cpu(
     meta: LoraMeta,
     plan: Plan | None = None,  # None: the cost model's choice; tests and benchmarks force one
 ) -> torch.Tensor:
-    """y = x W^T + b + every token's LoRA delta -> [num_tokens, out_total] (possibly a strided view)."""
+    """y = x W^T + b + every token's LoRA delta -> [num_tokens, out_total] (possibly a strided view).
+    The cost model prices with slots.figures (cpu_calibrate.py); without them the plan is "grouped"."""
     lora_a = slots.lora_a
     shape = LinearShape(slots.out_total, lora_a.shape[1], lora_a.shape[2], lora_a.shape[3], x.element_size())
     if plan is None:
         # Fusing gives up the packed base matmul, which costs more than it saves: only unpacked W fuses.
-        plan = choose_plan(x.shape[0], shape, meta, slots.rows is not None, can_fuse=packed is None)
+        plan = choose_plan(x.shape[0], shape, meta, slots.rows is not None, packed is None, slots.figures)
     if plan == "fused-single":
         assert meta.is_single_full, "fused-single needs one slot covering the whole step"
         return fused_single(x, slots.weight_ext, slots.bias_ext, slots.lora_b, slots.slice_offsets, meta.slot_ids_list[0])
@@ -57,12 +58,13 @@ def lora_delta_cpu(
     meta: LoraMeta,
     rows: RowTables | None = None,
     strategy: DeltaStrategy | None = None,  # None: the cost model's choice; tests and benchmarks force one
+    figures: CostFigures | None = None,  # the cost model's per-machine figures; None: "grouped"
 ) -> None:
     """y += every token's LoRA delta, by the cheapest delta strategy under the cost model."""
     if strategy is None:
         shape = LinearShape(y.shape[1], lora_a.shape[1], lora_a.shape[2], lora_a.shape[3], lora_a.element_size())
         slot_minor_b = lora_b.transpose(0, 1).is_contiguous()
-        strategy = choose_delta(shape, meta, rows is not None, slot_minor_b)
+        strategy = choose_delta(shape, meta, rows is not None, slot_minor_b, figures)
     apply_delta(strategy, y, x, lora_a, lora_b, slice_offsets, meta, rows)
 
 

@@ -19,27 +19,23 @@ Plan = Literal["fused-single", "grouped", "dense", "compact", "rows"]
 
 @dataclass(frozen=True)
 class CostFigures:
-    """PER-MACHINE FIGURES. Measured once on one 2-core x86 machine (the development box) and used as
-    they are on every machine, so on another CPU the choice may be off (never wrong: every way is exact).
-    A follow-up replaces these constants with a start-up calibration."""
+    """Per-machine figures the cost model prices with. None are built in: cpu_calibrate.py measures
+    them at engine start on the model's own shapes (one small function per field, so a field added here
+    needs its measurement there). Without figures (calibration off or failed) the planner does not
+    guess: it uses "grouped", exact for every step."""
 
-    # A small matmul costs a fixed ~10 us in float32 and ~50 us in bfloat16 / float16 (oneDNN lays the
-    # unpacked weight out anew on every call).
-    call_seconds_16bit: float = 50e-6
-    call_seconds_32bit: float = 10e-6
-    flops_per_second: float = 1e11  # multiply-adds (x2) of large matmuls
-    copy_bytes_per_second: float = 1e10  # index_select / re-layout copies
-    # embedding_bag reads weight rows in place at 20-27 GB/s here, and its calls (bag sums, index_select,
-    # add) cost ~10 us each, less than a small 16-bit matmul.
-    row_call_seconds: float = 10e-6
-    row_bytes_per_second: float = 2.5e10
+    # Fixed seconds of one small matmul call (float32; bfloat16 / float16, where oneDNN lays an unpacked
+    # weight out anew on every call, so it costs several times more).
+    call_seconds_16bit: float
+    call_seconds_32bit: float
+    flops_per_second: float  # multiply-adds (x2) of large matmuls
+    copy_bytes_per_second: float  # index_select / re-layout copies (bytes read + written)
+    row_call_seconds: float  # one embedding_bag / index_select / add call of the rows strategy
+    row_bytes_per_second: float  # weight rows embedding_bag reads in place
 
     def call_seconds(self, elem: int) -> float:
         """Fixed seconds of one small matmul call on elements of `elem` bytes."""
         return self.call_seconds_16bit if elem == 2 else self.call_seconds_32bit
-
-
-FIGURES = CostFigures()
 
 
 class LinearShape(NamedTuple):
@@ -58,7 +54,7 @@ def true_rank(rank: int, r_max: int) -> int:
 
 
 def delta_costs(
-    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures = FIGURES
+    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures
 ) -> dict[DeltaStrategy, float]:
     """Estimated seconds of each delta strategy that applies to this step (cached on meta):
     grouped always; rows when the row tables exist; dense over the slot range and compact (the active
@@ -93,28 +89,38 @@ def delta_costs(
 
 
 def choose_delta(
-    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures = FIGURES
+    shape: LinearShape, meta: LoraMeta, has_rows: bool, slot_minor_b: bool, fig: CostFigures | None
 ) -> DeltaStrategy:
-    """The cheapest delta strategy for this step under the cost model."""
+    """The cheapest delta strategy for this step under the cost model; "grouped" without figures."""
+    if fig is None:
+        return "grouped"
     costs = delta_costs(shape, meta, has_rows, slot_minor_b, fig)
     return min(costs, key=costs.__getitem__)
 
 
+def fused_single_cost(num_tokens: int, shape: LinearShape, meta: LoraMeta, fig: CostFigures) -> float:
+    """Estimated extra seconds of the fused-single plan over the base matmul alone."""
+    # The fused matmul computes every slot 0..slot (their A rows sit under W in order).
+    rows = (meta.slot_ids_list[0] + 1) * shape.num_slices * shape.r_max
+    fused = 2 * num_tokens * rows * shape.in_features / fig.flops_per_second
+    return fused + shape.num_slices * fig.call_seconds(shape.elem)
+
+
 def choose_plan(
-    num_tokens: int, shape: LinearShape, meta: LoraMeta, has_rows: bool, can_fuse: bool, fig: CostFigures = FIGURES
+    num_tokens: int, shape: LinearShape, meta: LoraMeta, has_rows: bool, can_fuse: bool, fig: CostFigures | None
 ) -> Plan:
     """'fused-single' (the shrink rides in the base matmul: one adapter covers the whole step and W is not
-    packed) or the delta strategy that follows a base matmul of its own. Cached on meta."""
+    packed) or the delta strategy that follows a base matmul of its own. Cached on meta. Without figures
+    (no calibration): "grouped"."""
+    if fig is None:
+        return "grouped"
     key = ("plan", *shape, has_rows, can_fuse, fig)
     plan: Plan | None = meta.cache.get(key)
     if plan is None:
         plan = choose_delta(shape, meta, has_rows, True, fig)  # LoraSlots keeps B slot-minor
         if can_fuse and meta.is_single_full:
             separate = delta_costs(shape, meta, has_rows, True, fig)[plan]
-            # The fused matmul computes every slot 0..slot (their A rows sit under W in order).
-            rows = (meta.slot_ids_list[0] + 1) * shape.num_slices * shape.r_max
-            fused = 2 * num_tokens * rows * shape.in_features / fig.flops_per_second
-            if fused + shape.num_slices * fig.call_seconds(shape.elem) < separate:
+            if fused_single_cost(num_tokens, shape, meta, fig) < separate:
                 plan = "fused-single"
         meta.cache[key] = plan
     return plan
