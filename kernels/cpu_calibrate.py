@@ -36,8 +36,8 @@ skips caching.
 Without figures (Config.cpu_calibration "off", or calibration failing for any reason) the planner uses
 no cost model at all: "grouped", exact for every step (cpu_plan.choose_plan).
 
-The clock is injectable (tests drive it; `startup_figures(..., clock=)`), and so is nothing else: the
-measured operations are the real kernels' operations on real tensors.
+The clock is injectable (`clock=`, or DEFAULT_CLOCK; tests drive it), and nothing else is: the measured
+operations are the real kernels' operations on real tensors.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from .cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs, fused_
 from .meta import LoraMeta, build_lora_meta
 
 Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter)
+DEFAULT_CLOCK: Clock = time.perf_counter  # what a call without clock= reads (tests may set another)
 
 MODES = ("auto", "off")  # Config.cpu_calibration
 FORMAT_VERSION = 1  # bump when the cache file's layout or a measurement's meaning changes
@@ -291,7 +292,7 @@ def calibrate(
     shapes: Sequence[LinearShape],
     dtype: torch.dtype,
     *,
-    clock: Clock = time.perf_counter,
+    clock: Clock | None = None,
     budget_s: float = BUDGET_SECONDS,
     repeats: int = REPEATS,
 ) -> CostFigures:
@@ -299,6 +300,7 @@ def calibrate(
     implausible result is re-measured once; a second one raises CalibrationError."""
     if not shapes:
         raise CalibrationError("no LoRA linear shapes to measure")
+    clock = clock or DEFAULT_CLOCK
     problem = ""
     for _ in range(2):
         probe = Probe(shapes, dtype, clock, budget_s, repeats)
@@ -424,7 +426,7 @@ def startup_figures(
         raise ValueError(f"cpu calibration must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":
         return Calibration(None, "cpu calibration off")
-    clock = clock or time.perf_counter
+    clock = clock or DEFAULT_CLOCK
     try:
         return _auto(shapes, dtype, cache_file, clock, budget_s)
     except Exception as exc:  # any failure leaves the engine serving, with the safe default
