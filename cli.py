@@ -152,7 +152,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"figures ({calibration.how}):")
     for part in format_figures(calibration.figures).split(", "):
         print(f"  {part}")
-    linears = {}  # shape -> (shape, has row tables, W unpacked: fused-single may apply)
+    linears: dict = {}  # shape -> (shape, has row tables, W unpacked: fused-single may apply)
     for lin in model.lora_linears():
         shape = lin.cost_shape()
         if shape is not None and lin.slots is not None:

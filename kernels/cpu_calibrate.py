@@ -50,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +123,11 @@ class Probe:
         """Uniform [-1, 1) data (not zeros: zeros can run faster than real weights)."""
         return torch.empty(shape, dtype=dtype or self.dtype).uniform_(-1, 1, generator=self.gen)
 
-    def copies(self, make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
-        """Enough copies of make()'s tensor that STREAM_BYTES (at most one per call of best_seconds)
-        do not all fit in a cache."""
-        first = make()
+    def copies(self, first: torch.Tensor) -> list[torch.Tensor]:
+        """`first` and enough clones of it (other addresses) that STREAM_BYTES of them, at most one per
+        call of best_seconds, do not all fit in a cache."""
         n = min(self.repeats + 1, max(1, -(-STREAM_BYTES // (first.numel() * first.element_size()))))
-        return [first] + [first.clone() for _ in range(n - 1)]  # other addresses; clone is cheap
+        return [first] + [first.clone() for _ in range(n - 1)]
 
     def best_seconds(self, fn: Callable[[], object]) -> float:
         """Min seconds of fn over up to `repeats` timed calls after one warm-up call (oneDNN builds its
@@ -157,24 +157,26 @@ def call_field(dtype: torch.dtype) -> str:
     return "call_seconds_16bit" if torch.empty((), dtype=dtype).element_size() == 2 else "call_seconds_32bit"
 
 
+def _one_token_grouped(p: Probe, s: LinearShape, dtype: torch.dtype) -> Callable[[], None]:
+    """One token through one slot as "grouped" runs it: h = x A^T on the unpacked A rows
+    [num_slices * r_max, in], then per slice y[:, slice] += h_j B[slice]^T on slot-minor B."""
+    x = p.rand(1, s.in_features, dtype=dtype)
+    a = p.rand(s.num_slices * s.r_max, s.in_features, dtype=dtype)
+    b = p.rand(s.out_total, 2, s.r_max, dtype=dtype)[:, 0]  # [out_total, r_max], strided as lora_b[slot]
+    y = torch.zeros(1, s.out_total, dtype=dtype)
+    r, cols = s.r_max, _slices(s)
+
+    def run() -> None:
+        h = F.linear(x, a)
+        for j, (c0, c1) in enumerate(cols):
+            y[:, c0:c1].addmm_(h[:, j * r : (j + 1) * r], b[c0:c1].T)
+
+    return run
+
+
 def _small_call_seconds(p: Probe, dtype: torch.dtype) -> float:
-    """Seconds per call of one token through one slot as "grouped" runs it: h = x A^T on the unpacked
-    A rows [num_slices * r_max, in], then per slice y[:, slice] += h_j B[slice]^T on slot-minor B
-    (1 + num_slices calls). Mean over the shapes."""
-    per_call = []
-    for s in p.shapes:
-        x = p.rand(1, s.in_features, dtype=dtype)
-        a = p.rand(s.num_slices * s.r_max, s.in_features, dtype=dtype)
-        b = p.rand(s.out_total, 2, s.r_max, dtype=dtype)[:, 0]  # [out_total, r_max], strided as lora_b[slot]
-        y = torch.zeros(1, s.out_total, dtype=dtype)
-        r, cols = s.r_max, _slices(s)
-
-        def run() -> None:
-            h = F.linear(x, a)
-            for j, (c0, c1) in enumerate(cols):
-                y[:, c0:c1].addmm_(h[:, j * r : (j + 1) * r], b[c0:c1].T)
-
-        per_call.append(p.best_seconds(run) / (1 + s.num_slices))
+    """Seconds per call of _one_token_grouped (1 + num_slices calls), mean over the shapes."""
+    per_call = [p.best_seconds(_one_token_grouped(p, s, dtype)) / (1 + s.num_slices) for s in p.shapes]
     return sum(per_call) / len(per_call)
 
 
@@ -186,6 +188,17 @@ def measure_call_seconds_32bit(p: Probe) -> float:
     return _small_call_seconds(p, torch.float32)
 
 
+def _rotating(op: Callable[[torch.Tensor], object], inputs: list[torch.Tensor]) -> Callable[[], object]:
+    """A call of op on the next of `inputs` in turn (streaming measurements: each call reads cold data)."""
+    turn = [0]
+
+    def run() -> object:
+        turn[0] += 1
+        return op(inputs[turn[0] % len(inputs)])
+
+    return run
+
+
 def measure_flops_per_second(p: Probe) -> float:
     """Multiply-adds x2 per second of a 32-token shrink over 4 slots' A rows, less the call cost."""
     tokens, slots = 32, 4
@@ -194,7 +207,7 @@ def measure_flops_per_second(p: Probe) -> float:
     for s in p.shapes:
         x = p.rand(tokens, s.in_features)
         a = p.rand(slots * s.num_slices * s.r_max, s.in_features)
-        t = p.best_seconds(lambda x=x, a=a: F.linear(x, a))
+        t = p.best_seconds(_rotating(partial(F.linear, x), [a]))
         flops += 2 * tokens * a.shape[0] * s.in_features
         seconds += max(t - call, t / 2)
     return flops / seconds
@@ -206,35 +219,32 @@ def measure_copy_bytes_per_second(p: Probe) -> float:
     copied = seconds = 0.0
     for s in p.shapes:
         per_slot = s.r_max * (s.num_slices * s.in_features + s.out_total)
-        srcs = p.copies(lambda per_slot=per_slot: p.rand(slots, per_slot))
-        turn = iter(range(10**9))
-
-        def run(srcs=srcs, turn=turn) -> torch.Tensor:
-            return srcs[next(turn) % len(srcs)].index_select(0, picked)
-
-        seconds += p.best_seconds(run)
+        srcs = p.copies(p.rand(slots, per_slot))
+        seconds += p.best_seconds(_rotating(lambda src: src.index_select(0, picked), srcs))
         copied += 2 * len(picked) * per_slot * p.elem
     return copied / seconds
 
 
-def measure_row_call_seconds(p: Probe) -> float:
-    """Seconds per call of the rows strategy's per-slice index_select + embedding_bag + add, each over a
-    single row (3 * num_slices calls). Mean over the shapes."""
+def _one_row_per_slice(p: Probe, s: LinearShape) -> Callable[[], None]:
+    """The rows strategy's per-slice index_select + embedding_bag + add, each over a single row."""
     idx, off = torch.tensor([0]), torch.tensor([0])
-    per_call = []
-    for s in p.shapes:
-        cols = _slices(s)
-        tables = [p.rand(2 * s.r_max, c1 - c0) for c0, c1 in cols]
-        h = p.rand(s.num_slices * s.r_max)
-        h_idx = [torch.tensor([j * s.r_max]) for j in range(len(cols))]
-        y = torch.zeros(1, s.out_total, dtype=p.dtype)
+    cols = _slices(s)
+    tables = [p.rand(2 * s.r_max, c1 - c0) for c0, c1 in cols]
+    h = p.rand(s.num_slices * s.r_max)
+    h_idx = [torch.tensor([j * s.r_max]) for j in range(len(cols))]
+    y = torch.zeros(1, s.out_total, dtype=p.dtype)
 
-        def run() -> None:
-            for j, (c0, c1) in enumerate(cols):
-                w = h.index_select(0, h_idx[j])
-                y[:, c0:c1] += F.embedding_bag(idx, tables[j], off, mode="sum", per_sample_weights=w)
+    def run() -> None:
+        for j, (c0, c1) in enumerate(cols):
+            w = h.index_select(0, h_idx[j])
+            y[:, c0:c1] += F.embedding_bag(idx, tables[j], off, mode="sum", per_sample_weights=w)
 
-        per_call.append(p.best_seconds(run) / (3 * len(cols)))
+    return run
+
+
+def measure_row_call_seconds(p: Probe) -> float:
+    """Seconds per call of _one_row_per_slice (3 * num_slices calls), mean over the shapes."""
+    per_call = [p.best_seconds(_one_row_per_slice(p, s)) / (3 * s.num_slices) for s in p.shapes]
     return sum(per_call) / len(per_call)
 
 
@@ -246,17 +256,15 @@ def measure_row_bytes_per_second(p: Probe) -> float:
     read = seconds = 0.0
     for s in p.shapes:
         in_f = s.in_features
-        tables = p.copies(lambda in_f=in_f, s=s: p.rand(slots * in_f, s.num_slices * s.r_max))
+        tables = p.copies(p.rand(slots * in_f, s.num_slices * s.r_max))
         a_idx = ((torch.arange(tokens) % slots)[:, None] * in_f + torch.arange(in_f)).view(-1)
         a_off = torch.arange(tokens) * in_f
         xw = p.rand(tokens * in_f)
-        turn = iter(range(10**9))
 
-        def run(tables=tables, a_idx=a_idx, a_off=a_off, xw=xw, turn=turn) -> torch.Tensor:
-            table = tables[next(turn) % len(tables)]
+        def bag(table: torch.Tensor, a_idx=a_idx, a_off=a_off, xw=xw) -> torch.Tensor:
             return F.embedding_bag(a_idx, table, a_off, mode="sum", per_sample_weights=xw)
 
-        t = p.best_seconds(run)
+        t = p.best_seconds(_rotating(bag, tables))
         read += tokens * in_f * s.num_slices * s.r_max * p.elem
         seconds += max(t - call, t / 2)
     return read / seconds
@@ -491,7 +499,7 @@ def plan_estimates(
 ) -> tuple[str, dict[str, float]]:
     """(the plan choose_plan picks, estimated seconds of each plan that applies) for one step."""
     meta = step_meta(kind, tokens, adapters, shape.r_max)
-    costs: dict[str, float] = dict(delta_costs(shape, meta, has_rows, True, fig))
+    costs: dict[str, float] = {k: v for k, v in delta_costs(shape, meta, has_rows, True, fig).items()}
     if can_fuse and meta.is_single_full:
         costs["fused-single"] = fused_single_cost(tokens, shape, meta, fig)
     return choose_plan(tokens, shape, meta, has_rows, can_fuse, fig), costs

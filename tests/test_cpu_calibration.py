@@ -130,7 +130,7 @@ def test_noisy_timings_pick_a_valid_exact_plan_for_every_step():
     """Timings jittered by up to 30x either way (a busy machine, or a strange one) give all kinds of
     figures; whatever they are, every step gets a plan that applies to it and computes the exact sum."""
     seen: set[str] = set()
-    for seed in range(8):
+    for seed in range(6):
         clock = FakeClock(step=100e-6, jitter=30.0, seed=seed)
         figures = calibrate(SHAPES, DTYPE, clock=clock)
         assert cc.implausible({f: getattr(figures, f) for f in cc.FIELDS}) == ""
