@@ -4,6 +4,8 @@ y = x W^T + b + every token's LoRA delta.
 Every way gives the same sum (up to float rounding order); they differ only in how many small calls they
 make and how many wasted multiply-adds or copied bytes they spend. Each layer of a step has one of a few
 shapes, so a choice is made once per step and shape and cached on the step's LoraMeta.
+The per-machine figures it prices with (CostFigures) are measured at engine start by cpu_calibrate.py
+and reach it on LoraSlots.figures; without them (calibration off or failed) every step is "grouped".
 """
 
 from __future__ import annotations
