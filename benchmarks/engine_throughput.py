@@ -35,7 +35,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.loader import base_shapes_of, resolve_model_dir
 from loraplex.scheduler.sampling_params import SamplingParams
 
-KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows")
+KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows", "cpu_calibration")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
 
 
@@ -125,6 +125,7 @@ def main() -> None:
         base_bytes=base_bytes,
         adapter_bytes=adapter_bytes,
         **{name: getattr(args, name) for name in KERNEL_SWITCHES},  # which A/B variant this run measured
+        cpu_cost_figures=calibration.describe() if (calibration := engine.device_model.calibration) else None,
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
