@@ -1,4 +1,4 @@
-"""`loraplex` command line: serve (the HTTP server), generate, bench (load test), demo-adapters.
+"""`loraplex` command line: serve (the HTTP server), generate, bench (load test), demo-adapters, calibrate.
 
 Every Config field (and for serve every ServerConfig field) is a flag, built from the field list in
 config.py; each also reads its LORAPLEX_* environment variable, the field name in capitals (the flag
@@ -125,6 +125,43 @@ def cmd_demo_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure the CPU LoRA cost model's figures for the model (kernels/cpu_calibrate.py) and print them
+    with the plan they choose for representative steps on each of its LoRA linear shapes."""
+    import torch
+
+    from .engine.engine import pick_dtype
+    from .engine.loader import load_hf_config, load_model, resolve_model_dir
+    from .engine.model import KernelOptions
+    from .engine.offload import calibrate_cpu_model
+    from .kernels.cpu_calibrate import format_figures, plan_table
+
+    config = config_from_args(args)
+    model_dir = resolve_model_dir(config.model, config.cache_dir)
+    hf_config = load_hf_config(model_dir)
+    dtype = pick_dtype(config.dtype, hf_config)
+    kernels = KernelOptions("torch", config.cpu_packed_linear, config.cpu_lora_rows)
+    model, _ = load_model(
+        model_dir, dtype, "cpu", (config.max_active_adapters, config.max_lora_rank), hf_config=hf_config, kernels=kernels
+    )
+    calibration = calibrate_cpu_model(model, "auto", config.cache_dir, use_cache=not args.no_cache)
+    print(f"model: {model_dir.name}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+    if calibration.figures is None:
+        print(f"no figures ({calibration.how}): the engine would use the grouped strategy for every step")
+        return 1
+    print(f"figures ({calibration.how}):")
+    for part in format_figures(calibration.figures).split(", "):
+        print(f"  {part}")
+    linears: dict = {}  # shape -> (shape, has row tables, W unpacked: fused-single may apply)
+    for lin in model.lora_linears():
+        shape = lin.cost_shape()
+        if shape is not None and lin.slots is not None:
+            linears.setdefault(shape, (shape, lin.slots.rows is not None, lin.packed is None))
+    print("\nplans (estimated us of the LoRA work beyond the base matmul):")
+    print(plan_table(calibration.figures, list(linears.values())))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import create_app, serve
     from .server.auth import build_key_table
@@ -207,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings(d, Config, only=("model", "cache_dir"))
     d.set_defaults(func=cmd_demo_adapters)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="measure the CPU LoRA cost model's figures for a model (default: the embedded one) and show the "
+        "plans they choose for representative steps",
+    )
+    add_settings(
+        c, Config, only=("model", "dtype", "cache_dir", "max_lora_rank", "max_active_adapters", "cpu_packed_linear", "cpu_lora_rows")
+    )
+    c.add_argument(
+        "--no-cache", action="store_true", help="measure anew; neither read nor write <cache dir>/cpu_calibration.json"
+    )
+    c.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -22,6 +22,7 @@ IDLE_OFFLOAD_MODES = ("host", "drop")
 LORA_BACKENDS = ("auto", "torch", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GENERATION_CONFIGS = ("auto", "openai")
+CPU_CALIBRATIONS = ("auto", "off")  # as kernels/cpu_calibrate.MODES
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -124,7 +125,9 @@ class Config:
         "auto (the model's generation_config.json where it sets them, as vLLM) or openai (temperature 1, top_p 1)",
         choices=GENERATION_CONFIGS,
     )
-    cache_dir: str | None = _opt(None, "where the converted default model lives (default: ~/.cache/loraplex)")
+    cache_dir: str | None = _opt(
+        None, "where the converted default model and the CPU calibration live (default: ~/.cache/loraplex)"
+    )
     # Kernel switches, mostly for A/B measurements; the engine hands them to the model (engine/model.py).
     lora_backend: str = _opt(
         "auto",
@@ -138,6 +141,12 @@ class Config:
         True,
         "CPU: row tables of the adapter slots for the per-token rows LoRA strategy (one more copy of the slots)",
     )
+    cpu_calibration: str = _opt(
+        "auto",
+        "CPU: auto (time the LoRA cost model's per-machine figures at start on the model's shapes, cached in "
+        "the cache dir as cpu_calibration.json) or off (no cost model: every step uses the grouped strategy)",
+        choices=CPU_CALIBRATIONS,
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -145,6 +154,7 @@ class Config:
             ("idle_offload", IDLE_OFFLOAD_MODES),
             ("lora_backend", LORA_BACKENDS),
             ("generation_config", GENERATION_CONFIGS),
+            ("cpu_calibration", CPU_CALIBRATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

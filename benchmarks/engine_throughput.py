@@ -58,7 +58,7 @@ from loraplex.engine.model import ModelSpec
 from loraplex.kernels.cpu_linear import base_linear, pack_weight
 from loraplex.scheduler.sampling_params import SamplingParams
 
-KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows")
+KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows", "cpu_calibration")
 TARGETS_B32 = {1: 0.85, 8: 0.7, 32: 0.5}  # batch 32: adapters -> kept it must reach
 KEPT_VS_BOUND_TARGET = 0.85
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"
@@ -193,6 +193,7 @@ def main() -> None:
         command="python benchmarks/engine_throughput.py " + shlex.join(sys.argv[1:]),
         date=time.strftime("%Y-%m-%d %H:%M"),
         **{name: getattr(args, name) for name in KERNEL_SWITCHES},  # which A/B variant this run measured
+        cpu_cost_figures=calibration.describe() if (calibration := engine.device_model.calibration) else None,
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")

@@ -5,6 +5,8 @@
 (kernels/lora_slots.py). For each case it times
     triton: h = lora_shrink(x, A, meta); lora_expand(y, h, B, offsets, meta)      (CUDA only)
     torch:  lora_delta_cpu(...), the CPU strategies (kernels/cpu_lora.py) as the cost model picks them
+            with figures calibrated at the start of the run on these shapes (kernels/cpu_calibrate.py;
+            on CUDA, where CPU figures mean nothing, the grouped strategy)
 and compares both with the memory floor: bytes of the distinct adapters' A and B at their true rank,
 plus x read and y read and written, over the device's copy bandwidth measured in the same run.
 The P6 rows come first: 64 tokens x 32 adapters, rank 16 (target: triton >= 60% of the floor, >= 5x torch).
@@ -89,7 +91,8 @@ def model_layout_slots(in_f: int, slices: list[int], num_adapters: int, rank: in
 
 
 def bench_case(
-    proj: str, num_tokens: int, num_adapters: int, rank: int, dtype, device, bandwidth: float, r_max: int = 64, shapes=None
+    proj: str, num_tokens: int, num_adapters: int, rank: int, dtype, device, bandwidth: float, r_max: int = 64, shapes=None,
+    figures=None,
 ) -> dict:
     from loraplex.kernels import build_lora_meta, lora_delta_cpu
 
@@ -109,7 +112,7 @@ def bench_case(
         proj=proj, tokens=num_tokens, adapters=num_adapters, rank=rank, r_max=slots.r_max,
         floor_us=floor_bytes / bandwidth * 1e6,
     )  # fmt: skip
-    row["torch_us"] = median_seconds(lambda: lora_delta_cpu(y, x, lora_a, lora_b, offsets, meta), device) * 1e6
+    row["torch_us"] = median_seconds(lambda: lora_delta_cpu(y, x, lora_a, lora_b, offsets, meta, figures=figures), device) * 1e6
     if device.type == "cuda":
         from loraplex.kernels.lora_expand import lora_expand
         from loraplex.kernels.lora_shrink import lora_shrink
@@ -180,13 +183,14 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); dtype {args.dtype}; "
           f"slots of r_max {args.max_lora_rank}", flush=True)  # fmt: skip
+    figures = cpu_figures(shapes, dtype, args.max_lora_rank) if device.type == "cpu" else None
     cases = [(proj, t, k, r) for proj in shapes for t in tokens for k in adapter_counts for r in ranks]
     if not args.tiny:  # the P6 rows first, so a run cut short still has them
         p6 = [(proj, P6["tokens"], P6["adapters"], P6["rank"]) for proj in shapes]
         cases = p6 + [c for c in cases if c not in p6]
     rows = []
     for proj, t, k, r in cases:
-        row = bench_case(proj, t, k, r, dtype, device, bandwidth, args.max_lora_rank, shapes)
+        row = bench_case(proj, t, k, r, dtype, device, bandwidth, args.max_lora_rank, shapes, figures)
         rows.append(row)
         print(row, flush=True)
     text = table(rows, device.type == "cuda")
@@ -213,6 +217,23 @@ def main() -> None:
             f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}:\n\n{text}\n{MARK_END}"
         )
         write_results_section(section, MARK_BEGIN, MARK_END, "LoRA kernels (issue 5)")
+
+
+def cpu_figures(shapes: dict, dtype, r_max: int):
+    """The CPU cost model's figures measured now on these projections (slots of r_max), as the engine
+    does at start (kernels/cpu_calibrate.py); None (grouped) when the calibration fails."""
+    from loraplex.kernels.cpu_calibrate import CalibrationError, calibrate, format_figures
+    from loraplex.kernels.cpu_plan import LinearShape
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    linear_shapes = [LinearShape(sum(widths), len(widths), r_max, in_f, elem) for in_f, widths in shapes.values()]
+    try:
+        figures = calibrate(linear_shapes, dtype)
+    except CalibrationError as exc:
+        print(f"cpu calibration failed ({exc}): the grouped strategy throughout", flush=True)
+        return None
+    print(f"cpu cost figures: {format_figures(figures)}", flush=True)
+    return figures
 
 
 def _triton_version() -> str | None:

@@ -93,7 +93,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def _pick_dtype(name: str, hf_config: Any) -> torch.dtype:
+def pick_dtype(name: str, hf_config: Any) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
@@ -106,7 +106,7 @@ class Engine:
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         self.model_name = config.model or model_dir.name
         hf_config = load_hf_config(model_dir)
-        dtype = _pick_dtype(config.dtype, hf_config)
+        dtype = pick_dtype(config.dtype, hf_config)
         self.device = pick_device(config.device)
         # Start-up runs three things at once: the tokenizer (mostly imports) in a thread, the adapters to
         # preload in the cache's load pool, and the base weights here (copies that release the GIL).

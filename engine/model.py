@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..kernels import LoraMeta, LoraSlots, lora_linear
 from ..kernels.cpu_linear import pack_weight, packed_linear
+from ..kernels.cpu_plan import CostFigures, LinearShape
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -179,6 +180,13 @@ class LoraLinear(nn.Module):
         """(Re)build the oneDNN-packed copy of W (16-bit CPU; None elsewhere or when turned off)."""
         self.packed = pack_weight(self.weight) if self.kernels.cpu_packed_linear else None
 
+    def cost_shape(self) -> LinearShape | None:
+        """The sizes the CPU cost model reads (kernels/cpu_plan.py); None before allocate_lora."""
+        if self.slots is None:
+            return None
+        _, num_slices, r_max, in_f = self.slots.lora_a.shape
+        return LinearShape(self.slots.out_total, num_slices, r_max, in_f, self.weight.element_size())
+
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
         # x: [T, in] -> [T, out_total]
         return lora_linear(x, self.weight, self.bias, self.packed, self.slots, meta, self.kernels.lora_backend)
@@ -327,6 +335,17 @@ class CausalLM(nn.Module):
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
         if copy_weights:
             self._pack_lm_head()
+
+    def lora_shapes(self) -> list[LinearShape]:
+        """The distinct shapes of the LoRA linears' slots, as the CPU cost model sees them (after
+        allocate_lora_slots): what the start-up calibration measures on (kernels/cpu_calibrate.py)."""
+        return sorted({s for s in (lin.cost_shape() for lin in self.lora_linears()) if s is not None})
+
+    def set_cost_figures(self, figures: CostFigures | None) -> None:
+        """Give every LoRA linear the CPU cost model's figures (None: no cost model, the "grouped" plan)."""
+        for lin in self.lora_linears():
+            if lin.slots is not None:
+                lin.slots.figures = figures
 
     def pack(self) -> None:
         """(Re)build the packed copies of the base weights (after they were filled or restored)."""

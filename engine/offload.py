@@ -17,6 +17,8 @@ import torch
 
 from ..adapter_cache.cache import AdapterCache
 from ..config import IDLE_OFFLOAD_MODES, Config
+from ..kernels.cpu_calibrate import CACHE_FILE_NAME, Calibration, startup_figures
+from .default_model import default_cache_dir
 from .loader import export_weights, load_model
 from .model import CausalLM, KernelOptions, ModelSpec
 from .runner import ModelRunner
@@ -57,6 +59,8 @@ class DeviceModel:
         self.offloaded: str | None = None  # None while on the device, else the offload mode
         self.stats = OffloadStats()
         self._host_weights: HostWeights | None = None  # "host" mode only, while offloaded
+        # CPU: the LoRA cost model's figures, calibrated by the first _build and kept across offloads
+        self.calibration: Calibration | None = None
         self._build(None)
 
     def _build(self, weights: HostWeights | None) -> None:
@@ -72,6 +76,11 @@ class DeviceModel:
             hf_config=self._hf_config,
             kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
         )
+        if self.device.type == "cpu":
+            if self.calibration is None:
+                self.calibration = calibrate_cpu_model(model, cfg.cpu_calibration, cfg.cache_dir)
+                log.info("CPU LoRA planner: %s", self.calibration.describe())
+            model.set_cost_figures(self.calibration.figures)
         self.model = model
         if not self.num_blocks:
             self.num_blocks = kv_cache_blocks(cfg, self.spec, self.dtype, self.device)
@@ -137,6 +146,16 @@ class DeviceModel:
             ]
         tensors += [t for kv in runner.kv_caches for t in kv]
         return _storage_bytes(t for t in tensors if t is not None)
+
+
+def calibrate_cpu_model(model: CausalLM, mode: str, cache_dir: str | None, *, use_cache: bool = True) -> Calibration:
+    """The CPU LoRA cost model's figures for this model's LoRA linears (kernels/cpu_calibrate.py): mode
+    "auto" (Config.cpu_calibration) measures them, or takes them from <cache dir>/cpu_calibration.json
+    when a re-timing confirms them (use_cache=False: measure anew, touch no file); "off" measures nothing.
+    Never raises for a measurement problem: figures None (the "grouped" plan) and the reason."""
+    dtype = next(model.parameters()).dtype
+    cache_file = default_cache_dir(cache_dir) / CACHE_FILE_NAME if use_cache else None
+    return startup_figures(mode, model.lora_shapes(), dtype, cache_file)
 
 
 def kv_cache_blocks(config: Config, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:

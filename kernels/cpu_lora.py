@@ -30,16 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_linear import base_linear
-from .cpu_plan import (
-    FIGURES,
-    CostFigures,
-    DeltaStrategy,
-    LinearShape,
-    Plan,
-    choose_delta,
-    choose_plan,
-    true_rank,
-)
+from .cpu_plan import CostFigures, DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
@@ -141,7 +132,8 @@ def lora_linear_cpu(
     plan: Plan | None = None,  # None: the cost model's choice; tests and benchmarks force one
     figures: CostFigures | None = None,  # None: slots.figures (None there too: the safe default plan)
 ) -> torch.Tensor:
-    """y = x W^T + b + every token's LoRA delta -> [num_tokens, out_total] (possibly a strided view)."""
+    """y = x W^T + b + every token's LoRA delta -> [num_tokens, out_total] (possibly a strided view).
+    The cost model prices with slots.figures (cpu_calibrate.py); without them the plan is "grouped"."""
     lora_a = slots.lora_a
     num_slices, r_max = lora_a.shape[1], lora_a.shape[2]
     active = active_here(meta, slots.slice_ranks, num_slices, r_max)
@@ -149,7 +141,7 @@ def lora_linear_cpu(
         return base_linear(x, weight, bias, packed)
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     if plan is None:
-        fig = figures if figures is not None else getattr(slots, "figures", None) or FIGURES  # TODO calibration
+        fig = figures if figures is not None else slots.figures
         cached = _cache_key(slots, active) in slots.stack_cache
         # Fusing gives up the packed base matmul, which costs more than it saves: only unpacked W fuses.
         plan = choose_plan(
@@ -176,7 +168,7 @@ def lora_delta_cpu(
     meta: LoraMeta,
     rows: RowTables | None = None,
     strategy: DeltaStrategy | None = None,  # None: the cost model's choice; tests and benchmarks force one
-    figures: CostFigures | None = None,  # None: the safe default strategy
+    figures: CostFigures | None = None,  # the cost model's per-machine figures; None: "grouped"
 ) -> None:
     """y += every token's LoRA delta from plain slot tensors (every slice at the slot's true rank from the
     meta; nothing is cached between calls)."""

@@ -4,6 +4,8 @@ y = x W^T + b + every token's LoRA delta.
 Every way gives the same sum (up to float rounding order); they differ only in how many small calls they
 make and how many wasted multiply-adds or copied bytes they spend. Each layer of a step has one of a few
 shapes, so a choice is made once per step and shape and cached on the step's LoraMeta.
+The per-machine figures it prices with (CostFigures) are measured at engine start by cpu_calibrate.py
+and reach it on LoraSlots.figures; without them (calibration off or failed) every step is "grouped".
 """
 
 from __future__ import annotations
@@ -20,27 +22,23 @@ SAFE_DEFAULT: DeltaStrategy = "grouped"  # the plan without figures: exact for e
 
 @dataclass(frozen=True)
 class CostFigures:
-    """PER-MACHINE FIGURES. Measured once on one 2-core x86 machine (the development box) and used as
-    they are on every machine, so on another CPU the choice may be off (never wrong: every way is exact).
-    A follow-up replaces these constants with a start-up calibration."""
+    """Per-machine figures the cost model prices with. None are built in: cpu_calibrate.py measures
+    them at engine start on the model's own shapes (one small function per field, so a field added here
+    needs its measurement there). Without figures (calibration off or failed) the planner does not
+    guess: it uses "grouped", exact for every step."""
 
-    # A small matmul costs a fixed ~10 us in float32 and ~50 us in bfloat16 / float16 (oneDNN lays the
-    # unpacked weight out anew on every call).
-    call_seconds_16bit: float = 50e-6
-    call_seconds_32bit: float = 10e-6
-    flops_per_second: float = 1e11  # multiply-adds (x2) of large matmuls
-    copy_bytes_per_second: float = 1e10  # index_select / re-layout copies
-    # embedding_bag reads weight rows in place at 20-27 GB/s here, and its calls (bag sums, index_select,
-    # add) cost ~10 us each, less than a small 16-bit matmul.
-    row_call_seconds: float = 10e-6
-    row_bytes_per_second: float = 2.5e10
+    # Fixed seconds of one small matmul call (float32; bfloat16 / float16, where oneDNN lays an unpacked
+    # weight out anew on every call, so it costs several times more).
+    call_seconds_16bit: float
+    call_seconds_32bit: float
+    flops_per_second: float  # multiply-adds (x2) of large matmuls
+    copy_bytes_per_second: float  # index_select / re-layout copies (bytes read + written)
+    row_call_seconds: float  # one embedding_bag / index_select / add call of the rows strategy
+    row_bytes_per_second: float  # weight rows embedding_bag reads in place
 
     def call_seconds(self, elem: int) -> float:
         """Fixed seconds of one small matmul call on elements of `elem` bytes."""
         return self.call_seconds_16bit if elem == 2 else self.call_seconds_32bit
-
-
-FIGURES = CostFigures()
 
 
 class LinearShape(NamedTuple):
@@ -113,6 +111,16 @@ def choose_delta(
     return min(costs, key=costs.__getitem__)
 
 
+def fused_single_cost(num_tokens: int, shape: LinearShape, meta: LoraMeta, fig: CostFigures) -> float:
+    """Estimated extra seconds of the fused-single plan over the base matmul alone."""
+    # The fused matmul computes every slot 0..slot at r_max (their A rows sit under W in order), then one
+    # expand per slice.
+    rows = (meta.slot_ids_list[0] + 1) * shape.num_slices * shape.r_max
+    fused = 2 * num_tokens * rows * shape.in_features / fig.flops_per_second
+    fused += 2 * num_tokens * shape.r_max * shape.out_total / fig.flops_per_second
+    return fused + shape.num_slices * fig.call_seconds(shape.elem)
+
+
 def choose_plan(
     num_tokens: int,
     shape: LinearShape,
@@ -133,12 +141,7 @@ def choose_plan(
         plan = choose_delta(shape, meta, ks, stack_cached, has_rows, fig)
         if can_fuse and meta.is_single_full:
             separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
-            # The fused matmul computes every slot 0..slot at r_max (their A rows sit under W in order),
-            # then one expand per slice.
-            rows = (meta.slot_ids_list[0] + 1) * shape.num_slices * shape.r_max
-            fused = 2 * num_tokens * rows * shape.in_features / fig.flops_per_second
-            fused += 2 * num_tokens * shape.r_max * shape.out_total / fig.flops_per_second
-            if fused + shape.num_slices * fig.call_seconds(shape.elem) < separate:
+            if fused_single_cost(num_tokens, shape, meta, fig) < separate:
                 plan = "fused-single"
         meta.cache[key] = plan
     return plan

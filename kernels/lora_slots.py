@@ -9,6 +9,7 @@ Layouts (num_slices output slices at column offsets off[0..num_slices], slots of
                 matrix (the CPU dense strategy)
     rows:       CPU only, optional: the same weights as row tables (RowTables), read in place by the
                 CPU rows strategy; memory: one more copy of the slots
+figures (not a layout): the CPU cost model's per-machine CostFigures, or None (no cost model: "grouped").
 Ranks below r_max are zero-padded: padding contributes nothing to any sum. `slice_ranks[s][i]` is the
 true rank slot s holds for slice i (0: its adapter does not target that slice), and `versions[s]` counts
 writes to slot s, so a derived copy of a slot (the CPU stacked strategy's, kernels/cpu_lora.py) knows
@@ -21,6 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+
+from .cpu_plan import CostFigures
 
 # (shape, dtype, device) -> a zero-filled tensor; the engine passes one that maps large CPU buffers lazily.
 ZerosFactory = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
@@ -87,6 +90,9 @@ class LoraSlots:
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
         self.rows: RowTables | None = None
+        # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
+        # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
+        self.figures: CostFigures | None = None
         if with_row_tables:
             self.rows = RowTables(
                 zeros((num_slots * in_f, num_slices * r_max), dtype, device),

@@ -12,11 +12,15 @@ from loraplex.kernels.cpu_plan import CostFigures, LinearShape, choose_plan, del
 from loraplex.kernels.lora_slots import row_tables
 from loraplex.kernels.reference import lora_delta_loop
 
-# Figures of a plausible 2-core x86 machine, fixed here so the cost-model tests do not depend on the
-# machine they run on (the engine measures its own: kernels/cpu_calibrate.py).
-FIG = CostFigures(
-    call_seconds_16bit=20e-6, call_seconds_32bit=8e-6, flops_per_second=1e11, copy_bytes_per_second=1e10,
-    row_call_seconds=10e-6, row_bytes_per_second=2.5e10,
+# Example figures of one machine (a 2-core x86 box), as test data for the cost model's arithmetic; the
+# engine measures its own at start (kernels/cpu_calibrate.py).
+EXAMPLE_FIGURES = CostFigures(
+    call_seconds_16bit=50e-6,
+    call_seconds_32bit=10e-6,
+    flops_per_second=1e11,
+    copy_bytes_per_second=1e10,
+    row_call_seconds=10e-6,
+    row_bytes_per_second=2.5e10,
 )
 
 
@@ -63,7 +67,7 @@ def test_delta_strategies_match_loop(strategy, num_tokens, num_slots, slices, r_
     if meta is None:
         pytest.skip("no LoRA token drawn")
     out = y.clone()
-    lora_delta_cpu(out, x, a, b, offsets, meta, row_tables(a, b, offsets), strategy=strategy, figures=FIG)
+    lora_delta_cpu(out, x, a, b, offsets, meta, row_tables(a, b, offsets), strategy=strategy, figures=EXAMPLE_FIGURES)
     torch.testing.assert_close(out, _expected(x, y, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     untouched = [t for t, s in enumerate(token_slot) if s < 0]
     assert torch.equal(out[untouched], y[untouched])  # base-only tokens get exactly nothing added
@@ -71,8 +75,8 @@ def test_delta_strategies_match_loop(strategy, num_tokens, num_slots, slices, r_
 
 def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
     """Slots of rank 2 in r_max 8: the rows strategy reads only the true ranks' rows of B, so garbage in
-    the padding rows of the B table changes nothing; and a decode-like step (a token per adapter over
-    many slots) is costed cheapest as rows."""
+    the padding rows of the B table changes nothing; and under the example figures a decode-like step (a
+    token per adapter over many slots) is costed cheapest as rows."""
     x, y, a, b, _, _ = _case(6, 12, [16, 8], 8, 24, 7)
     a[:, :, 2:] = 0
     b[:, :, 2:] = 0
@@ -87,10 +91,10 @@ def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
 
     qkv = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=2)  # SmolLM2-135M, bf16
     decode = build_lora_meta(list(range(0, 32, 2)), [16] * 32)  # 16 tokens, 16 distinct of 32 slots
-    costs = delta_costs(qkv, decode, (48,) * 16, False, True, FIG)
+    costs = delta_costs(qkv, decode, (48,) * 16, False, True, EXAMPLE_FIGURES)
     assert min(costs, key=costs.__getitem__) == "rows", costs
     prefill = build_lora_meta([3] * 300 + [9] * 200, [16] * 32)  # long prompts of two adapters
-    costs = delta_costs(qkv, prefill, (48, 48), True, True, FIG)
+    costs = delta_costs(qkv, prefill, (48, 48), True, True, EXAMPLE_FIGURES)
     assert min(costs, key=costs.__getitem__) == "grouped", costs
 
 
@@ -121,13 +125,16 @@ def _slots_case(bias: bool, rows: bool, seed: int = 9):
 
 @pytest.mark.parametrize("plan", ["fused-single", "grouped", "stacked", "rows", None])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_linear_cpu_plans_match_loop(plan, bias):
-    """Base matmul + LoRA over slots written by LoraSlots.write: every plan computes the same y."""
+@pytest.mark.parametrize("figures", [EXAMPLE_FIGURES, None], ids=["figures", "no-figures"])
+def test_lora_linear_cpu_plans_match_loop(plan, bias, figures):
+    """Base matmul + LoRA over slots written by LoraSlots.write: every plan computes the same y (plan
+    None: the cost model's choice under the slots' figures, "grouped" without figures)."""
     x, slots, base, a, b, offsets, token_slot, ranks = _slots_case(bias, rows=True)
+    slots.figures = figures
     if plan == "fused-single":
         token_slot = [3] * len(token_slot)
     meta = build_lora_meta(token_slot, ranks)
-    y = lora_linear_cpu(x, slots.weight, slots.bias, None, slots, meta, plan=plan, figures=FIG)
+    y = lora_linear_cpu(x, slots.weight, slots.bias, None, slots, meta, plan=plan, figures=EXAMPLE_FIGURES)
     torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
 
 
@@ -149,12 +156,14 @@ def test_plan_fuses_only_unpacked_single_adapter_steps():
     """fused-single is considered only when one slot covers the whole step and W is not packed."""
     shape = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=4)
     single = build_lora_meta([0] * 8, [16] * 4)
-    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=True, fig=FIG) == "fused-single"
+    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=True, fig=EXAMPLE_FIGURES) == "fused-single"
     single = build_lora_meta([0] * 8, [16] * 4)
-    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=False, fig=FIG) != "fused-single"
+    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=False, fig=EXAMPLE_FIGURES) != "fused-single"
     mixed = build_lora_meta([0, 1] * 4, [16] * 4)
-    assert choose_plan(8, shape, mixed, (48, 48), False, has_rows=True, can_fuse=True, fig=FIG) != "fused-single"
+    assert choose_plan(8, shape, mixed, (48, 48), False, has_rows=True, can_fuse=True, fig=EXAMPLE_FIGURES) != "fused-single"
     assert choose_plan(8, shape, mixed, (48, 48), False, has_rows=True, can_fuse=True, fig=None) == "grouped"
+    single = build_lora_meta([0] * 8, [16] * 4)
+    assert choose_plan(8, shape, single, (48,), False, has_rows=True, can_fuse=True, fig=None) == "grouped"
 
 
 def test_packed_cpu_linear_equals_plain_linear():
@@ -228,11 +237,11 @@ def test_stacked_copy_reads_only_true_ranks_of_targeted_slices(plan):
     meta = build_lora_meta(token_slot, [4] * num_slots)
     active = active_here(meta, slots.slice_ranks, 3, r_max)
     assert active.slots == (0, 1, 3) and active.ks(meta) == (3, 4, 0, 9)  # slot 2 holds nothing here
-    y = lora_linear_cpu(x, w, None, None, slots, meta, plan=plan, figures=FIG)
+    y = lora_linear_cpu(x, w, None, None, slots, meta, plan=plan, figures=EXAMPLE_FIGURES)
     torch.testing.assert_close(y, _expected(x, x @ w.T, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     assert stack_of(slots, active).a.shape == (16, in_f)  # 3 + 4 + 9 columns: true ranks, targeted slices
     only_empty = build_lora_meta([2, -1, 2], [4] * num_slots)
-    assert torch.equal(lora_linear_cpu(x[:3], w, None, None, slots, only_empty, plan=plan, figures=FIG), x[:3] @ w.T)
+    assert torch.equal(lora_linear_cpu(x[:3], w, None, None, slots, only_empty, plan=plan, figures=EXAMPLE_FIGURES), x[:3] @ w.T)
 
 
 def test_stacked_copy_is_reused_until_a_slot_is_rewritten():
@@ -249,6 +258,6 @@ def test_stacked_copy_is_reused_until_a_slot_is_rewritten():
     a[s], b[s] = 0, 0
     a[s, 1, :1], b[s, 20:28, :1] = new_a, new_b
     meta = build_lora_meta(token_slot, ranks)
-    y = lora_linear_cpu(x, slots.weight, None, None, slots, meta, plan="stacked", figures=FIG)
+    y = lora_linear_cpu(x, slots.weight, None, None, slots, meta, plan="stacked", figures=EXAMPLE_FIGURES)
     torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     assert stack_of(slots, active_here(meta, slots.slice_ranks, 3, 4)) is not first
