@@ -27,10 +27,11 @@ Repeats (`--repeats`, alias `--rounds`) interleave the rows of a batch: each rep
 Which resource binds is decided per batch from the base-only row of the same run: its bytes/s against this
 machine's copy bandwidth (a large tensor copy, read + written bytes, best of 5) and its FLOP/s against the
 matmul FLOP rate in the run's dtype (the model's fused gate+up projection at that batch, through the same
-base-linear kernel as the engine, best of 5). The base-only row binds on the resource it uses more of; an
-adapter row binds on the resource whose base-only utilization / the row's bound of it is the larger (the
-one the row's extra work would saturate first: 32 adapters' bytes can make a FLOP-bound batch
-bytes-bound), and bound = that resource's bound.
+base-linear kernel as the engine, best of 5). With u_bytes and u_flops the base-only row's utilizations,
+the roofline time of a row is max(u_bytes / bytes bound, u_flops / flops bound) (of the base-only step's
+time), so bound = max(u_bytes, u_flops) / max(u_bytes / bytes bound, u_flops / flops bound) and
+`binding` names the resource whose term is the larger (32 adapters' bytes can make a FLOP-bound batch
+bytes-bound). Without a base-only row: the bytes bound, as before.
 Targets (batch 32): kept >= 0.85x with 1 adapter, 0.7x with 8, 0.5x with 32, and kept/bound >= 0.85.
 """
 
@@ -148,10 +149,12 @@ def main() -> None:
                 "bytes": base_bytes / (base_bytes + k * adapter_bytes),
                 "flops": base_flops / (base_flops + (lora_flops if k else 0)),
             }
-            # the resource this row would use most of: base-only utilization / the row's bound (for the
-            # base-only row itself, simply the larger utilization); no base-only row: bytes, as before
+            # roofline: the row's time is the larger of its bytes and FLOPs terms (see the docstring)
             binding = None if util is None else max(util, key=lambda name: util[name] / bounds[name])
-            bound = bounds[binding or "bytes"]
+            if util is None:
+                bound = bounds["bytes"]
+            else:
+                bound = max(util.values()) / max(util[name] / bounds[name] for name in util)
             row = dict(engine="loraplex", batch=batch, adapters=k, tok_s=tps, kept=kept, bound=bound,
                        kept_vs_bound=None if kept is None else kept / bound, bytes_bound=bounds["bytes"],
                        flops_bound=bounds["flops"], binding=binding, kept_per_repeat=[r / b for r, b in zip(rates[k], rates[0], strict=True)] if 0 in rates else None,
