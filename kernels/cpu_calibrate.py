@@ -465,7 +465,8 @@ def _auto(
 
 # ---- the plans the figures choose (`loraplex calibrate`) -----------------------------------------
 
-# (kind, tokens, distinct adapters): decodes spread tokens round-robin, prefills give each adapter a run.
+# (kind, tokens, distinct adapters): decodes spread tokens round-robin, prefills give each adapter a run,
+# mixed steps are a prompt chunk of adapter 0 next to 15 decode tokens of the others.
 REPRESENTATIVE_STEPS = [
     ("decode", 1, 1),
     ("decode", 16, 1),
@@ -477,8 +478,10 @@ REPRESENTATIVE_STEPS = [
     ("prefill", 64, 4),
     ("prefill", 512, 1),
     ("prefill", 512, 4),
+    ("mixed", 64, 7),
+    ("mixed", 256, 7),
 ]
-PLAN_COLUMNS = ("grouped", "stacked", "rows", "fused-single")
+PLAN_COLUMNS = ("grouped", "stacked", "split", "rows", "fused-single")
 TABLE_RANK = 16  # the adapters of the table: this rank (at most r_max) on every slice
 
 
@@ -486,6 +489,8 @@ def step_meta(kind: str, tokens: int, adapters: int, r_max: int) -> LoraMeta:
     """A step's LoraMeta: every token with an adapter (slots 0..adapters-1, all of rank r_max)."""
     if kind == "decode":
         token_slot = [t % adapters for t in range(tokens)]
+    elif kind == "mixed":
+        token_slot = [0] * (tokens - 15) + [1 + t % (adapters - 1) for t in range(15)]
     else:
         token_slot = [t * adapters // tokens for t in range(tokens)]
     meta = build_lora_meta(token_slot, [r_max] * adapters)

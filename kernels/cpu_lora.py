@@ -10,6 +10,9 @@ cheapest per step and shape:
     stacked       every token times every active adapter at once: one shrink matmul over the adapters'
                   stacked A, a mask keeping each token's own adapter, one expand matmul: 2-3 calls per
                   linear whatever the number of adapters and slices (decode and mixed steps)
+    split         a prompt chunk next to decodes of other adapters: the long segments a pair each (as
+                  grouped), the other tokens one stacked pass (as stacked), so the chunk's many tokens
+                  are not multiplied by every other adapter
     rows          embedding_bag reads each token's own A and B rows in place from the row tables: only
                   the bytes of the adapters used (decode steps: many adapters, few tokens each)
 
@@ -30,7 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_linear import base_linear
-from .cpu_plan import CostFigures, DeltaStrategy, LinearShape, Plan, choose_delta, choose_plan, true_rank
+from .cpu_plan import (
+    CostFigures,
+    DeltaStrategy,
+    LinearShape,
+    Plan,
+    choose_delta,
+    choose_plan,
+    split_big,
+    true_rank,
+)
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
@@ -140,8 +152,8 @@ def lora_linear_cpu(
     if not active.slots:  # no adapter of the step targets this linear
         return base_linear(x, weight, bias, packed)
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
+    fig = figures if figures is not None else slots.figures
     if plan is None:
-        fig = figures if figures is not None else slots.figures
         cached = _cache_key(slots, active) in slots.stack_cache
         # Fusing gives up the packed base matmul, which costs more than it saves: only unpacked W fuses.
         plan = choose_plan(
@@ -155,7 +167,7 @@ def lora_linear_cpu(
         assert slots.rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, slots.rows, slots.slice_offsets, meta)
     else:
-        apply_stacked(plan, y, x, stack_of(slots, active), meta)
+        apply_stacked(plan, y, x, stack_of(slots, active), meta, split_big(shape, meta, active.ks(meta), fig))
     return y
 
 
@@ -176,14 +188,15 @@ def lora_delta_cpu(
     active = active_here(meta, None, num_slices, r_max)
     if not active.slots:
         return
+    shape = LinearShape(y.shape[1], num_slices, r_max, lora_a.shape[3], lora_a.element_size())
     if strategy is None:
-        shape = LinearShape(y.shape[1], num_slices, r_max, lora_a.shape[3], lora_a.element_size())
         strategy = choose_delta(shape, meta, active.ks(meta), False, rows is not None, figures)
     if strategy == "rows":
         assert rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, rows, slice_offsets, meta)
     else:
-        apply_stacked(strategy, y, x, build_stack(lora_a, lora_b, slice_offsets, active), meta)
+        big = split_big(shape, meta, active.ks(meta), figures)
+        apply_stacked(strategy, y, x, build_stack(lora_a, lora_b, slice_offsets, active), meta, big)
 
 
 def apply_stacked(
@@ -192,12 +205,15 @@ def apply_stacked(
     x: torch.Tensor,  # [num_tokens, in]
     stack: StackedAB,
     meta: LoraMeta,
+    big: tuple[int, ...] = (),  # "split": the slots given a pair of their own (cpu_plan.split_big)
 ) -> None:
-    """y += every token's LoRA delta from the stacked copy, by "grouped" or "stacked"."""
+    """y += every token's LoRA delta from the stacked copy, by "grouped", "stacked" or "split"."""
     if strategy == "stacked":
         delta_stacked(y, x, stack, meta)
     elif strategy == "grouped":
         delta_grouped(y, x, stack, meta)
+    elif strategy == "split":
+        delta_split(y, x, stack, meta, big)
     else:
         raise ValueError(f"not a stacked-copy strategy: {strategy!r}")
 
@@ -241,6 +257,44 @@ def delta_stacked(
             mask = meta.cache[key] = (meta.token_slot[:, None] == stack.col_slot[None, :]).to(h.dtype)
         h.mul_(mask)
     y.addmm_(h, stack.bt)
+
+
+def delta_split(
+    y: torch.Tensor,  # [num_tokens, out_total], updated in place
+    x: torch.Tensor,  # [num_tokens, in]
+    stack: StackedAB,
+    meta: LoraMeta,
+    big: tuple[int, ...],  # slots given a matmul pair of their own
+) -> None:
+    """y += delta: the tokens of each `big` slot by a pair of their own (gathered, as grouped), every other
+    adapter token by one stacked pass over them (gathered, masked, as stacked)."""
+    position = {s: j for j, s in enumerate(stack.slots)}
+    key = ("split-rows", big, stack.slots)
+    parts = meta.cache.get(key)
+    if parts is None:
+        own, small = [], []
+        for i, slot in enumerate(meta.slot_ids_list):
+            if slot not in position:
+                continue
+            rows = meta.sorted_idx[meta.seg_starts_list[i] : meta.seg_starts_list[i + 1]]
+            if slot in big:
+                own.append((position[slot], rows))
+            else:
+                small.append(rows)
+        small_rows = torch.cat(small) if small else None
+        mask = None
+        if small_rows is not None:
+            mask = (meta.token_slot.index_select(0, small_rows)[:, None] == stack.col_slot[None, :]).to(x.dtype)
+        parts = meta.cache[key] = (own, small_rows, mask)
+    own, small_rows, mask = parts
+    if small_rows is not None:
+        h = F.linear(x.index_select(0, small_rows), stack.a)  # [n_small, K]
+        h.mul_(mask)
+        y.index_add_(0, small_rows, torch.mm(h, stack.bt))
+    for j, rows in own:
+        c0, c1 = stack.starts[j], stack.starts[j + 1]
+        h = F.linear(x.index_select(0, rows), stack.a[c0:c1])
+        y.index_add_(0, rows, torch.mm(h, stack.bt[c0:c1]))
 
 
 def delta_grouped(

@@ -15,8 +15,9 @@ from typing import Literal, NamedTuple
 
 from .meta import LoraMeta
 
-DeltaStrategy = Literal["grouped", "stacked", "rows"]
-Plan = Literal["fused-single", "grouped", "stacked", "rows"]
+DeltaStrategy = Literal["grouped", "stacked", "split", "rows"]
+Plan = Literal["fused-single", "grouped", "stacked", "split", "rows"]
+SPLIT_MIN_TOKENS = 8  # without figures, "split" gives adapters with at least this many tokens their own pair
 SAFE_DEFAULT: DeltaStrategy = "grouped"  # the plan without figures: exact for every step, never far off
 
 
@@ -67,6 +68,7 @@ def delta_costs(
     """Estimated seconds of each delta strategy (cached on meta):
     grouped   a matmul pair per adapter with something here, plus the gather / scatter of a mixed step
     stacked   2 calls (3 with the mask of a mixed step); every token times every adapter's columns
+    split     long segments (a prefill) a pair each, the other tokens one stacked pass (split_big)
     rows      when the row tables exist: embedding_bag calls and the row bytes they read
     grouped and stacked share the stacked copy: its copies are priced when it is not cached yet."""
     key = ("delta-costs", *shape, ks, stack_cached, has_rows, fig)
@@ -85,6 +87,14 @@ def delta_costs(
         "grouped": build + (2 * len(segs) + (0 if single else 3)) * call + grouped_flops / fig.flops_per_second,
         "stacked": build + (2 if single else 3) * call + 2 * meta.num_tokens * total_k * io / fig.flops_per_second,
     }
+    big = split_big(shape, meta, ks, fig)
+    if big and len(big) < len(segs):
+        big_set = set(big)
+        seg_slots = [s for s, k in zip(meta.slot_ids_list, ks, strict=True) if k]
+        own = [seg for seg, s in zip(segs, seg_slots, strict=True) if s in big_set]
+        n_small = sum(n for n, _ in segs) - sum(n for n, _ in own)
+        flops = 2 * n_small * total_k * io + sum(2 * n * k * io for n, k in own)
+        costs["split"] = build + (5 + 4 * len(own)) * call + flops / fig.flops_per_second
     if has_rows:
         token_ranks = sum(
             (meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]) * true_rank(r, r_max)
@@ -94,6 +104,30 @@ def delta_costs(
         costs["rows"] = (2 + 3 * num_slices) * fig.row_call_seconds + row_bytes / fig.row_bytes_per_second
     meta.cache[key] = costs
     return costs
+
+
+def split_big(shape: LinearShape, meta: LoraMeta, ks: tuple[int, ...], fig: CostFigures | None) -> tuple[int, ...]:
+    """The adapters "split" gives a matmul pair of their own (the rest share one stacked pass): those
+    whose tokens would waste more multiply-adds in the shared pass (times the other adapters' columns)
+    than their own pair's calls cost; without figures, those with SPLIT_MIN_TOKENS tokens or more."""
+    key = ("split-big", shape, ks, fig)
+    big = meta.cache.get(key)
+    if big is None:
+        io = shape.in_features + shape.out_total
+        total_k = sum(ks)
+        big = []
+        for i, (slot, k) in enumerate(zip(meta.slot_ids_list, ks, strict=True)):
+            n = meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]
+            if not k:
+                continue
+            if fig is None:
+                own = n >= SPLIT_MIN_TOKENS
+            else:
+                own = 2 * n * (total_k - k) * io / fig.flops_per_second > 4 * fig.call_seconds(shape.elem)
+            if own:
+                big.append(slot)
+        big = meta.cache[key] = tuple(big)
+    return big
 
 
 def choose_delta(

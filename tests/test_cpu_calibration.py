@@ -55,9 +55,11 @@ class FakeClock:
 
 
 def _valid_plans(meta, has_rows: bool, can_fuse: bool) -> set[str]:
-    """The plans that apply to this step (cpu_plan: grouped and stacked always; rows needs row tables;
-    fused-single one slot over the whole step, W unpacked)."""
+    """The plans that apply to this step (cpu_plan: grouped and stacked always; split with several
+    adapters; rows needs row tables; fused-single one slot over the whole step, W unpacked)."""
     valid = {"grouped", "stacked"}
+    if meta.num_active > 1:
+        valid.add("split")
     if has_rows:
         valid.add("rows")
     if can_fuse and meta.is_single_full:
@@ -274,7 +276,9 @@ def test_plan_table_costs_every_applicable_plan():
         assert meta.num_tokens == tokens and meta.num_active == adapters
         for has_rows, can_fuse in ((True, True), (False, False)):
             plan, costs = plan_estimates(figures, SHAPES[0], kind, tokens, adapters, has_rows, can_fuse)
-            assert set(costs) == _valid_plans(meta, has_rows, can_fuse) and plan in costs
+            # split is costed only where some adapters are worth a pair of their own and some are not
+            assert set(costs) - {"split"} == _valid_plans(meta, has_rows, can_fuse) - {"split"} and plan in costs
+            assert set(costs) <= _valid_plans(meta, has_rows, can_fuse)
             assert costs[plan] == min(costs.values())
     table = cc.plan_table(figures, [(s, True, True) for s in SHAPES])
     assert len(table.splitlines()) == 2 + len(SHAPES) * len(cc.REPRESENTATIVE_STEPS)

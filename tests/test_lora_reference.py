@@ -49,7 +49,7 @@ def _expected(x, y, a, b, offsets, token_slot) -> torch.Tensor:
     return y + lora_delta_loop(x, a, b, offsets, token_slot).delta
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "stacked", "rows", None])
+@pytest.mark.parametrize("strategy", ["grouped", "stacked", "split", "rows", None])
 @pytest.mark.parametrize(
     "num_tokens, num_slots, slices, r_max, in_f, seed",
     [
@@ -123,7 +123,7 @@ def _slots_case(bias: bool, rows: bool, seed: int = 9):
     return x, slots, base, a, b, offsets, token_slot, ranks
 
 
-@pytest.mark.parametrize("plan", ["fused-single", "grouped", "stacked", "rows", None])
+@pytest.mark.parametrize("plan", ["fused-single", "grouped", "stacked", "split", "rows", None])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("figures", [EXAMPLE_FIGURES, None], ids=["figures", "no-figures"])
 def test_lora_linear_cpu_plans_match_loop(plan, bias, figures):
@@ -206,7 +206,7 @@ def test_meta_in_preallocated_buffers_equals_fresh_meta():
     assert buffers.capacity >= 40
 
 
-@pytest.mark.parametrize("plan", ["grouped", "stacked", None])
+@pytest.mark.parametrize("plan", ["grouped", "stacked", "split", None])
 def test_stacked_copy_reads_only_true_ranks_of_targeted_slices(plan):
     """Adapters of different ranks targeting different slices: the stacked copy holds only their true-rank
     rows of the slices they target, so garbage in the padding and in untargeted slices is never read,
@@ -261,3 +261,24 @@ def test_stacked_copy_is_reused_until_a_slot_is_rewritten():
     y = lora_linear_cpu(x, slots.weight, None, None, slots, meta, plan="stacked", figures=EXAMPLE_FIGURES)
     torch.testing.assert_close(y, _expected(x, base, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
     assert stack_of(slots, active_here(meta, slots.slice_ranks, 3, 4)) is not first
+
+
+def test_split_serves_a_prompt_chunk_next_to_decodes():
+    """A step with a 150-token prompt chunk of one adapter and 15 decode tokens of six others (what a
+    busy server runs): "split" gives the chunk its own matmul pair and the decodes one stacked pass, is
+    the cheapest under the example figures, and equals the loop; without the chunk it is not chosen."""
+    qkv = LinearShape(out_total=960, num_slices=3, r_max=64, in_features=576, elem=2)
+    decodes = [1 + t % 6 for t in range(15)]
+    mixed = build_lora_meta(decodes[:7] + [0] * 150 + decodes[7:], [16] * 8)
+    costs = delta_costs(qkv, mixed, (48,) * 7, False, True, EXAMPLE_FIGURES)
+    assert min(costs, key=costs.__getitem__) == "split", costs
+    decode_only = build_lora_meta(decodes, [16] * 8)
+    costs = delta_costs(qkv, decode_only, (48,) * 6, True, True, EXAMPLE_FIGURES)
+    assert min(costs, key=costs.__getitem__) != "split", costs
+
+    x, y, a, b, _, ranks = _case(40, 5, [12, 4, 4], 4, 9, 11)
+    token_slot = [1, 2, -1, 3] + [0] * 30 + [4, 1, 2, -1, 3, 4]
+    meta = build_lora_meta(token_slot, ranks)
+    out = y.clone()
+    lora_delta_cpu(out, x, a, b, [0, 12, 16, 20], meta, strategy="split")  # no figures: chunks of >= 8 tokens
+    torch.testing.assert_close(out, _expected(x, y, a, b, [0, 12, 16, 20], token_slot), rtol=1e-10, atol=1e-10)
