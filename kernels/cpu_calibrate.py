@@ -22,7 +22,9 @@ Each timing is the best (min) of a few short repeats after a warm-up call, so a 
 inflate it unless it is busy in every repeat; rates are work over time less the fixed call cost. A time
 budget per measurement caps the repeats (BUDGET_SECONDS in all; ~0.1-0.3 s for small models). The
 result must pass a plausibility check (SANE_RANGES: finite, positive, e.g. call costs 0.5 us..5 ms);
-a failure re-measures once, a second one raises CalibrationError.
+a failure re-measures once, a second one raises CalibrationError. Everything is measured in two
+independent passes; the better value of each field is kept, and when the passes disagree by more than
+STEADY_SPREAD (the machine was busy) the figures serve this run but are not cached.
 
 Cache: <cache dir>/cpu_calibration.json = {"version": FORMAT_VERSION, "entries": {key: {"figures": ...}}},
 the key naming the CPU model (/proc/cpuinfo, else platform), torch version, dtype,
@@ -67,6 +69,7 @@ MODES = ("auto", "off")  # Config.cpu_calibration
 FORMAT_VERSION = 2  # bump when the cache file's layout or a measurement's meaning changes
 CACHE_FILE_NAME = "cpu_calibration.json"
 MAX_CACHE_ENTRIES = 32  # most recently saved entries kept (models x dtypes x thread counts)
+STEADY_SPREAD = 1.6  # two passes further apart than this (some field): measured on a busy machine, not cached
 REVALIDATE_FACTOR = 2.5  # a cached figure re-timed off by more than this either way is re-measured
 BUDGET_SECONDS = 0.8  # the whole calibration, split evenly over the measurements and shapes
 REPEATS = 5  # timed repeats per measurement at most (fewer once its share of the budget is spent)
@@ -294,6 +297,41 @@ def implausible(values: dict[str, Any]) -> str:
     return ""
 
 
+def _one_pass(shapes: Sequence[LinearShape], dtype: torch.dtype, clock: Clock, budget_s: float, repeats: int) -> dict[str, float]:
+    """Every field measured once; an implausible result is re-measured once, a second one raises."""
+    problem = ""
+    for _ in range(2):
+        probe = Probe(shapes, dtype, clock, budget_s, repeats)
+        with torch.inference_mode():
+            values = {name: probe.figure(name) for name in FIELDS}
+        problem = implausible(values)
+        if not problem:
+            return values
+    raise CalibrationError(f"implausible figures, twice: {problem}")
+
+
+def measure_twice(
+    shapes: Sequence[LinearShape],
+    dtype: torch.dtype,
+    *,
+    clock: Clock | None = None,
+    budget_s: float = BUDGET_SECONDS,
+    repeats: int = REPEATS,
+) -> tuple[CostFigures, float]:
+    """(figures, spread): two independent passes (half the budget each), the better of the two per field
+    (the smaller time, the larger rate), and the largest ratio between the passes' values of a field. A
+    machine busy during one pass shows as a spread well above 1: such figures serve this run but are
+    not cached (STEADY_SPREAD)."""
+    if not shapes:
+        raise CalibrationError("no LoRA linear shapes to measure")
+    clock = clock or DEFAULT_CLOCK
+    first = _one_pass(shapes, dtype, clock, budget_s / 2, repeats)
+    second = _one_pass(shapes, dtype, clock, budget_s / 2, repeats)
+    best = {n: (max if n.endswith("_per_second") else min)(first[n], second[n]) for n in FIELDS}
+    spread = max(max(first[n], second[n]) / min(first[n], second[n]) for n in FIELDS)
+    return CostFigures(**best), spread
+
+
 def calibrate(
     shapes: Sequence[LinearShape],
     dtype: torch.dtype,
@@ -302,20 +340,9 @@ def calibrate(
     budget_s: float = BUDGET_SECONDS,
     repeats: int = REPEATS,
 ) -> CostFigures:
-    """Measure every CostFigures field on these shapes in this dtype (see the module docstring). An
-    implausible result is re-measured once; a second one raises CalibrationError."""
-    if not shapes:
-        raise CalibrationError("no LoRA linear shapes to measure")
-    clock = clock or DEFAULT_CLOCK
-    problem = ""
-    for _ in range(2):
-        probe = Probe(shapes, dtype, clock, budget_s, repeats)
-        with torch.inference_mode():
-            values = {name: probe.figure(name) for name in FIELDS}
-        problem = implausible(values)
-        if not problem:
-            return CostFigures(**values)
-    raise CalibrationError(f"implausible figures, twice: {problem}")
+    """Measure every CostFigures field on these shapes in this dtype (see the module docstring): the
+    better of two passes; an implausible pass is re-measured once, a second one raises CalibrationError."""
+    return measure_twice(shapes, dtype, clock=clock, budget_s=budget_s, repeats=repeats)[0]
 
 
 # ---- the cache file ------------------------------------------------------------------------------
@@ -455,8 +482,10 @@ def _auto(
             return Calibration(cached, f"cached in {cache_file}, re-timed {name} {ratio:.2f}x of it")
         why = f"re-measured: the cached {name} was {ratio:.2f}x off"
     t0 = clock()
-    figures = calibrate(shapes, dtype, clock=clock, budget_s=budget_s)
+    figures, spread = measure_twice(shapes, dtype, clock=clock, budget_s=budget_s)
     why += f" in {clock() - t0:.2f} s"
+    if spread > STEADY_SPREAD:  # the machine was busy: serve with them, measure again at the next start
+        return Calibration(figures, why + f", not cached (the two passes differ up to {spread:.1f}x: a busy machine)")
     if cache_file is not None:
         entries[key_text(key)] = {"figures": {n: getattr(figures, n) for n in FIELDS}, "saved": time.time()}
         why += f", cached in {cache_file}" if write_cache(cache_file, entries) else ", not cached (cache dir not writable)"

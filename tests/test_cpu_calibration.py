@@ -376,3 +376,18 @@ def test_cost_figures_replace_keeps_them_hashable():
     """Figures key the per-step plan cache (LoraMeta.cache): they must hash, and differ when they do."""
     a = calibrate(SHAPES, DTYPE, clock=FakeClock())
     assert hash(a) == hash(replace(a)) and a != replace(a, flops_per_second=a.flops_per_second * 2)
+
+
+def test_figures_of_a_busy_pass_serve_but_are_not_cached(tmp_path):
+    """The machine gets 4x slower halfway (after the first of the two passes): the figures still serve
+    this run (the better pass's), but they are not cached; on a steady machine they are."""
+    counter = FakeClock(step=40e-6)
+    cc._one_pass(SHAPES, DTYPE, counter, cc.BUDGET_SECONDS / 2, cc.REPEATS)
+    path = tmp_path / cc.CACHE_FILE_NAME
+    busy = FakeClock(step=40e-6, switch_at=counter.calls, then=160e-6)
+    figures, spread = cc.measure_twice(SHAPES, DTYPE, clock=FakeClock(step=40e-6, switch_at=counter.calls, then=160e-6))
+    assert spread > cc.STEADY_SPREAD
+    result = startup_figures("auto", SHAPES, DTYPE, path, clock=busy)
+    assert result.figures == figures and "not cached" in result.how and not path.exists()
+    steady = startup_figures("auto", SHAPES, DTYPE, path, clock=FakeClock(step=40e-6))
+    assert steady.figures is not None and path.exists()
