@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--adapters", default="0,1,8,32", help="distinct adapter counts (0 = base only)")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-lora-rank", type=int, default=None, help="slot rank (default: --rank, no padding)")
+    ap.add_argument("--targets", default=",".join(ALL_LINEAR_MODULES), help="adapters' target modules")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--mode", default="decode", choices=["decode", "arrivals"])
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals mode: requests per second")
@@ -99,11 +101,11 @@ def main() -> None:
     n_ad = max(counts)
     adapters = []
     for i in range(n_ad):
-        spec = DemoAdapterSpec(f"bench{i}", r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR_MODULES, seed=i, b_std=0.002)
+        spec = DemoAdapterSpec(f"bench{i}", r=args.rank, lora_alpha=2 * args.rank, target_modules=tuple(args.targets.split(",")), seed=i, b_std=0.002)
         adapters.append((spec.name, str(write_lora_adapter(tmp / spec.name, spec, shapes, str(model_dir)))))
     engine = Engine(
         Config(
-            adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.rank, max_active_adapters=max(n_ad, 1),
+            adapters=tuple(adapters), dtype=args.dtype, max_lora_rank=args.max_lora_rank or args.rank, max_active_adapters=max(n_ad, 1),
             max_num_seqs=max(batches), **{name: getattr(args, name) for name in KERNEL_SWITCHES},
         )
     )
@@ -114,7 +116,7 @@ def main() -> None:
         return arrivals_main(engine, adapters, args)
     spec: ModelSpec = engine.model.spec
     base_flops = base_flops_per_token(spec)
-    lora_flops = lora_flops_per_token(spec, ALL_LINEAR_MODULES, args.rank)
+    lora_flops = lora_flops_per_token(spec, tuple(args.targets.split(",")), args.rank)
     bandwidth = copy_bandwidth(engine_device(engine))
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; FLOPs per token: base {base_flops / 1e6:.1f} M, "
           f"rank-{args.rank} all-linear LoRA {lora_flops / 1e6:.2f} M", flush=True)  # fmt: skip
