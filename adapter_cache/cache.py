@@ -30,14 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import AdapterError, AdapterNotFoundError
-from .peft_format import BaseShapes, LoraAdapter, load_peft_adapter
+from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter
 from .sources import AdapterSources
 from .stats import CacheCounters
 from .tiers import HostTier, SlotTable
 
 log = logging.getLogger(__name__)
 
-WriteSlot = Callable[[int, dict, int], None]  # (slot, weights {(layer, module): (A, B)}, rank)
+# (slot, weights, rank): weights is an AdapterWeights (per module, all layers; a mapping
+# {(layer, module): (A, B)} too), written by engine.model.write_lora_slot in a few large copies
+WriteSlot = Callable[[int, AdapterWeights, int], None]
 
 
 class AdapterCache:
@@ -389,11 +391,9 @@ class AdapterCache:
         error: AdapterError | None = None
         try:
             path = self.sources.resolve(name)
-            adapter = load_peft_adapter(name, path, self.base, self.max_rank, self.dtype)
-            if self._pin_memory:
-                adapter.weights = {
-                    k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in adapter.weights.items()
-                }
+            adapter = load_peft_adapter(
+                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory
+            )
         except AdapterError as exc:
             error = exc
         except Exception as exc:  # a bug or an odd OS error: still only this adapter fails

@@ -1,7 +1,13 @@
 """Read and validate a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
 
 Adapters are data, never code: safetensors only, every field and tensor checked against the base model.
-The result holds, per (layer, target module), A [r, in] and B [out, r] with the PEFT scale folded into B.
+The result holds, per target module, A [num_layers, r, in] and B [num_layers, out, r] of all layers (the
+PEFT scale folded into B, cast to the serving dtype): the host-tier copy, laid out so that writing it into
+a device slot is a few large copies (kernels.lora_slots.LoraSlotStack.write).
+
+Cost: the file is read once (its bytes feed the digest and are viewed in place, no second parse); each
+tensor is then cast, scaled and placed in one op into its module's preallocated buffer, and one finite
+check runs over each whole buffer.
 """
 
 from __future__ import annotations
@@ -10,14 +16,16 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import AdapterFormatError, AdapterShapeError, UnsupportedAdapterError
+from ..safetensors_view import parse_header, tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,42 @@ class BaseShapes:
     modules: dict[str, tuple[int, int]]
 
 
+class AdapterWeights(Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]):
+    """An adapter's weights, per target module for all layers at once (the host-tier copy):
+        stacked[module] = (A [num_layers, r_m, in], B [num_layers, out, r_m] scaled)
+    r_m is the module's largest rank over the layers; a lower rank and a layer the adapter does not
+    target are zero there. As a mapping: (layer, module) -> (A [r, in], B [out, r] scaled), views of
+    those buffers, for the (layer, module) pairs the adapter targets (r: that pair's rank)."""
+
+    def __init__(
+        self,
+        stacked: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        ranks: dict[tuple[int, str], int],
+        num_layers: int,
+    ) -> None:
+        self.stacked, self.ranks, self.num_layers = stacked, ranks, num_layers
+
+    def __getitem__(self, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.ranks[key]
+        a, b = self.stacked[key[1]]
+        return a[key[0], :r], b[key[0], :, :r]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ab in self.stacked.values() for t in ab)
+
+    def pin_memory(self) -> AdapterWeights:
+        """A page-locked copy (fast, asynchronous-capable host -> GPU copies)."""
+        pinned = {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in self.stacked.items()}
+        return AdapterWeights(pinned, dict(self.ranks), self.num_layers)
+
+
 @dataclass
 class LoraAdapter:
     name: str
@@ -47,15 +91,15 @@ class LoraAdapter:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
-    # (layer, module) -> (A [r, in], B [out, r] already multiplied by the scale)
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    # per module, all layers (see AdapterWeights); also (layer, module) -> (A [r, in], B [out, r] scaled)
+    weights: AdapterWeights = field(repr=False)
     base_model_name_or_path: str | None = None
     # sha256 of adapter_config.json + the safetensors bytes: the prefix cache's namespace tells versions apart
     digest: str = ""
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        return self.weights.num_bytes
 
 
 def _pattern_value(patterns: dict, module_key: str, default):
@@ -123,10 +167,64 @@ def _check_config(name: str, cfg: dict, base: BaseShapes, max_rank: int) -> None
         log.warning("adapter %r was trained on %r; serving it on %r", name, expected, base.name)
 
 
+def _read_tensors(name: str, weights_path: Path, digest) -> dict[str, torch.Tensor]:
+    """Tensor name -> a view of the file's bytes, read once (they also feed `digest`)."""
+    try:
+        with weights_path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)  # writable: torch.frombuffer views it without a copy
+            if f.readinto(buf) != size:
+                raise OSError("the file changed while it was read")
+        digest.update(size.to_bytes(8, "little"))
+        digest.update(buf)
+        header, data_start = parse_header(buf)
+        return {key: tensor_view(buf, info, data_start, size) for key, info in header.items()}
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(name, f"cannot read {WEIGHTS_FILE}: {exc}") from exc
+
+
+def _scale_of(cfg: dict, layer: int, module: str, r: int) -> float:
+    module_key = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
+    alpha = float(_pattern_value(cfg.get("alpha_pattern", {}), module_key, float(cfg.get("lora_alpha", 8))))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
+
+
+def _stack_module(
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
+    num_layers: int,
+    in_f: int,
+    out_f: int,
+    dtype: torch.dtype,
+    pin_memory: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's host copy from its layers' (A [r, in], B [out, r], scale): A [num_layers, r_m, in] and
+    B [num_layers, out, r_m] (B * scale), each tensor cast, scaled and placed by one op. The rounding is
+    the per-tensor a.to(dtype) / (b.float() * scale).to(dtype)."""
+    r_m = max(a.shape[0] for a, _, _ in pairs.values())
+    full = len(pairs) == num_layers and all(a.shape[0] == r_m for a, _, _ in pairs.values())
+    alloc = torch.empty if full else torch.zeros  # padding (lower ranks, untargeted layers) must be zero
+    a_all = alloc((num_layers, r_m, in_f), dtype=dtype, pin_memory=pin_memory)
+    b_all = alloc((num_layers, out_f, r_m), dtype=dtype, pin_memory=pin_memory)
+    for layer, (a, b, scale) in pairs.items():
+        r = a.shape[0]
+        a_all[layer, :r].copy_(a)
+        # Same dtype or float32 in: computed in float32 (opmath), rounded once into B. Other dtypes go
+        # through float32 first, as before.
+        torch.mul(b if b.dtype in (dtype, torch.float32) else b.float(), scale, out=b_all[layer, :, :r])
+    return a_all, b_all
+
+
 def load_peft_adapter(
-    name: str, path: Path, base: BaseShapes, max_rank: int, dtype: torch.dtype = torch.float32
+    name: str,
+    path: Path,
+    base: BaseShapes,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    pin_memory: bool = False,
 ) -> LoraAdapter:
-    """Parse and validate one adapter directory. Raises an AdapterError subclass naming the adapter."""
+    """Parse and validate one adapter directory. Raises an AdapterError subclass naming the adapter.
+    pin_memory: place the host copy in page-locked memory (CUDA)."""
     cfg = read_adapter_config(name, path)
     _check_config(name, cfg, base, max_rank)
     weights_path = path / WEIGHTS_FILE
@@ -141,14 +239,12 @@ def load_peft_adapter(
         raise AdapterFormatError(name, f"missing {WEIGHTS_FILE} in {path}")
     digest = hashlib.sha256()
     try:
-        for part in (path / CONFIG_FILE, weights_path):
-            data = part.read_bytes()
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-        with safe_open(weights_path, framework="pt") as sf:
-            raw = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(name, f"cannot read {WEIGHTS_FILE}: {exc}") from exc
+        data = (path / CONFIG_FILE).read_bytes()
+    except OSError as exc:
+        raise AdapterFormatError(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+    raw = _read_tensors(name, weights_path, digest)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
@@ -168,17 +264,16 @@ def load_peft_adapter(
     if not pairs:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA tensors")
 
-    alpha_default = float(cfg.get("lora_alpha", 8))
-    use_rslora = bool(cfg.get("use_rslora", False))
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    rank = 0
+    # Validate every shape first (cheap), then cast, scale and place each module's tensors.
+    per_module: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    ranks: dict[tuple[int, str], int] = {}
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(name, f"layer {layer} {module}: lora_A or lora_B is missing")
         a, b = ab["A"], ab["B"]
         in_f, out_f = base.modules[module]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+        r = a.shape[0] if a.dim() else 0
+        if a.dim() != 2 or b.dim() != 2 or r == 0 or a.shape[1] != in_f or b.shape != (out_f, r):
             raise AdapterShapeError(
                 name,
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
@@ -186,21 +281,24 @@ def load_peft_adapter(
             )
         if r > max_rank:
             raise AdapterShapeError(name, f"rank {r} is above the configured maximum --max-lora-rank {max_rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
-        module_key = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
-        alpha = float(_pattern_value(cfg.get("alpha_pattern", {}), module_key, alpha_default))
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        weights[(layer, module)] = (a.to(dtype), (b.float() * scale).to(dtype))
-        rank = max(rank, r)
-    targets = sorted({m for _, m in weights})
+        per_module.setdefault(module, {})[layer] = (a, b, _scale_of(cfg, layer, module, r))
+        ranks[(layer, module)] = r
+    stacked = {
+        module: _stack_module(layers, base.num_layers, *base.modules[module], dtype, pin_memory)
+        for module, layers in per_module.items()
+    }
+    weights = AdapterWeights(stacked, ranks, base.num_layers)
+    # One finite check per buffer (after the cast and the scale: a value they overflow counts too).
+    if not all(bool(torch.isfinite(t).all()) for ab in stacked.values() for t in ab):
+        layer, module = next(k for k, (a, b) in weights.items() if not (a.isfinite().all() and b.isfinite().all()))
+        raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     return LoraAdapter(
         name=name,
         path=path,
-        rank=rank,
-        alpha=alpha_default,
-        use_rslora=use_rslora,
-        target_modules=targets,
+        rank=max(ranks.values()),
+        alpha=float(cfg.get("lora_alpha", 8)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        target_modules=sorted(per_module),
         weights=weights,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         digest=digest.hexdigest(),
