@@ -43,10 +43,11 @@ def tensor_view(buf, info: object, data_start: int, size: int) -> torch.Tensor:
     except (AssertionError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad entry ({exc!r})") from exc
     numel = math.prod(shape)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if min(shape, default=0) < 0 or begin < data_start or end > size or end - begin != numel * elem:
         raise ValueError("truncated or inconsistent entry")
     if begin % elem:
         raise ValueError(f"entry at offset {begin} is not aligned to its {elem}-byte elements")
-    t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=begin) if numel else torch.empty(0, dtype=dtype)
-    return t.view(shape)
+    if not numel:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=begin).view(shape)

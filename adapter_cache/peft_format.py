@@ -18,7 +18,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,26 +168,51 @@ def _check_config(name: str, cfg: dict, base: BaseShapes, max_rank: int) -> None
         log.warning("adapter %r was trained on %r; serving it on %r", name, expected, base.name)
 
 
-def _read_tensors(name: str, weights_path: Path, digest) -> dict[str, torch.Tensor]:
-    """Tensor name -> a view of the file's bytes, read once (they also feed `digest`)."""
+def _read_tensors(name: str, weights_path: Path) -> tuple[bytearray, dict[str, torch.Tensor]]:
+    """The file's bytes, read once, and tensor name -> a view of them."""
     try:
         with weights_path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             buf = bytearray(size)  # writable: torch.frombuffer views it without a copy
             if f.readinto(buf) != size:
                 raise OSError("the file changed while it was read")
-        digest.update(size.to_bytes(8, "little"))
-        digest.update(buf)
         header, data_start = parse_header(buf)
-        return {key: tensor_view(buf, info, data_start, size) for key, info in header.items()}
+        return buf, {key: tensor_view(buf, info, data_start, size) for key, info in header.items()}
     except (OSError, ValueError) as exc:
         raise AdapterFormatError(name, f"cannot read {WEIGHTS_FILE}: {exc}") from exc
+
+
+def _digest_in_background(parts: list[bytes | bytearray]) -> Callable[[], str]:
+    """sha256 over (length, bytes) of each part, computed by a thread (hashlib releases the GIL on large
+    data) while the caller casts the tensors; the returned function waits for it and gives the hex."""
+    digest = hashlib.sha256()
+
+    def run() -> None:
+        for data in parts:
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+
+    thread = threading.Thread(target=run, name="adapter-digest", daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        return digest.hexdigest()
+
+    return result
 
 
 def _scale_of(cfg: dict, layer: int, module: str, r: int) -> float:
     module_key = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
     alpha = float(_pattern_value(cfg.get("alpha_pattern", {}), module_key, float(cfg.get("lora_alpha", 8))))
     return alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`: its min and max are finite (min/max propagate NaN). One pass, nothing
+    allocated, many times faster than isfinite(t).all() on CPU."""
+    lo, hi = torch.aminmax(t)
+    return bool(lo.isfinite()) and bool(hi.isfinite())
 
 
 def _stack_module(
@@ -237,14 +263,12 @@ def load_peft_adapter(
                 "safe_serialization=True)",
             )
         raise AdapterFormatError(name, f"missing {WEIGHTS_FILE} in {path}")
-    digest = hashlib.sha256()
     try:
-        data = (path / CONFIG_FILE).read_bytes()
+        config_bytes = (path / CONFIG_FILE).read_bytes()
     except OSError as exc:
         raise AdapterFormatError(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
-    digest.update(len(data).to_bytes(8, "little"))
-    digest.update(data)
-    raw = _read_tensors(name, weights_path, digest)
+    buf, raw = _read_tensors(name, weights_path)
+    digest = _digest_in_background([config_bytes, buf])  # nothing writes buf: the views are only read
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
@@ -289,8 +313,8 @@ def load_peft_adapter(
     }
     weights = AdapterWeights(stacked, ranks, base.num_layers)
     # One finite check per buffer (after the cast and the scale: a value they overflow counts too).
-    if not all(bool(torch.isfinite(t).all()) for ab in stacked.values() for t in ab):
-        layer, module = next(k for k, (a, b) in weights.items() if not (a.isfinite().all() and b.isfinite().all()))
+    if not all(_all_finite(t) for ab in stacked.values() for t in ab):
+        layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     return LoraAdapter(
         name=name,
@@ -301,5 +325,5 @@ def load_peft_adapter(
         target_modules=sorted(per_module),
         weights=weights,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        digest=digest.hexdigest(),
+        digest=digest(),
     )
