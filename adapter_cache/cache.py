@@ -60,7 +60,10 @@ class AdapterCache:
         on_failure: Callable[[str, str], None] | None = None,
         on_ready: Callable[[str], None] | None = None,
         pin_memory: bool | None = None,
+        host_rows: bool = False,
     ) -> None:
+        """host_rows: host copies also hold the transposed layout (the device slots keep CPU row tables),
+        so a slot write is plain copies (memory: twice the host copy)."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -72,6 +75,7 @@ class AdapterCache:
         self._clock = clock
         # Page-locked host copies make host -> GPU copies fast (and asynchronous-capable).
         self._pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._host_rows = host_rows
         self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
@@ -392,8 +396,9 @@ class AdapterCache:
         try:
             path = self.sources.resolve(name)
             adapter = load_peft_adapter(
-                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory
-            )
+                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory,
+                with_rows=self._host_rows,
+            )  # fmt: skip
         except AdapterError as exc:
             error = exc
         except Exception as exc:  # a bug or an odd OS error: still only this adapter fails

@@ -52,16 +52,20 @@ class AdapterWeights(Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     """An adapter's weights, per target module for all layers at once (the host-tier copy):
         stacked[module] = (A [num_layers, r_m, in], B [num_layers, out, r_m] scaled)
     r_m is the module's largest rank over the layers; a lower rank and a layer the adapter does not
-    target are zero there. As a mapping: (layer, module) -> (A [r, in], B [out, r] scaled), views of
-    those buffers, for the (layer, module) pairs the adapter targets (r: that pair's rank)."""
+    target are zero there. Optionally (for slots with CPU row tables) the same values transposed:
+        rows[module] = (A^T [num_layers, in, r_m], B^T [num_layers, r_m, out])   contiguous
+    so that the row tables are filled by plain copies too (memory: twice the host copy).
+    As a mapping: (layer, module) -> (A [r, in], B [out, r] scaled), views of the stacked buffers, for
+    the (layer, module) pairs the adapter targets (r: that pair's rank)."""
 
     def __init__(
         self,
         stacked: dict[str, tuple[torch.Tensor, torch.Tensor]],
         ranks: dict[tuple[int, str], int],
         num_layers: int,
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
-        self.stacked, self.ranks, self.num_layers = stacked, ranks, num_layers
+        self.stacked, self.ranks, self.num_layers, self.rows = stacked, ranks, num_layers, rows
 
     def __getitem__(self, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.ranks[key]
@@ -76,12 +80,8 @@ class AdapterWeights(Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ab in self.stacked.values() for t in ab)
-
-    def pin_memory(self) -> AdapterWeights:
-        """A page-locked copy (fast, asynchronous-capable host -> GPU copies)."""
-        pinned = {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in self.stacked.items()}
-        return AdapterWeights(pinned, dict(self.ranks), self.num_layers)
+        buffers = [*self.stacked.values(), *(self.rows or {}).values()]
+        return sum(t.numel() * t.element_size() for ab in buffers for t in ab)
 
 
 @dataclass
@@ -240,6 +240,12 @@ def _stack_module(
     return a_all, b_all
 
 
+def _transposed(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """[L, m, n] -> a contiguous [L, n, m] copy."""
+    out = torch.empty((t.shape[0], t.shape[2], t.shape[1]), dtype=t.dtype, pin_memory=pin_memory)
+    return out.copy_(t.transpose(1, 2))
+
+
 def load_peft_adapter(
     name: str,
     path: Path,
@@ -248,9 +254,11 @@ def load_peft_adapter(
     dtype: torch.dtype = torch.float32,
     *,
     pin_memory: bool = False,
+    with_rows: bool = False,
 ) -> LoraAdapter:
     """Parse and validate one adapter directory. Raises an AdapterError subclass naming the adapter.
-    pin_memory: place the host copy in page-locked memory (CUDA)."""
+    pin_memory: place the host copy in page-locked memory (CUDA). with_rows: keep the transposed copy
+    too (AdapterWeights.rows), for slots with CPU row tables."""
     cfg = read_adapter_config(name, path)
     _check_config(name, cfg, base, max_rank)
     weights_path = path / WEIGHTS_FILE
@@ -316,6 +324,10 @@ def load_peft_adapter(
     if not all(_all_finite(t) for ab in stacked.values() for t in ab):
         layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
+    if with_rows:
+        weights.rows = {
+            m: (_transposed(a, pin_memory), _transposed(b, pin_memory)) for m, (a, b) in stacked.items()
+        }
     return LoraAdapter(
         name=name,
         path=path,

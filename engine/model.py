@@ -410,11 +410,14 @@ def write_lora_slot(
     """
     if not model.lora_stacks:
         raise RuntimeError("write_lora_slot before allocate_lora_slots")
-    stacked = weights.stacked if isinstance(weights, AdapterWeights) and weights.num_layers == model.spec.num_layers else None
-    if stacked is not None or not weights:
+    fits = isinstance(weights, AdapterWeights) and weights.num_layers == model.spec.num_layers
+    if fits or not weights:
+        stacked = weights.stacked if isinstance(weights, AdapterWeights) else {}
+        rows = weights.rows if isinstance(weights, AdapterWeights) else None
         for group, stack in model.lora_stacks.items():
-            n = len(stack.slice_offsets) - 1
-            stack.write(slot, [(stacked or {}).get(_MODULE_OF[(group, i)]) for i in range(n)])
+            modules = [_MODULE_OF[(group, i)] for i in range(len(stack.slice_offsets) - 1)]
+            given_rows = None if rows is None or stack.rows is None else [rows.get(m) for m in modules]
+            stack.write(slot, [stacked.get(m) for m in modules], given_rows)
         return
     for layer_idx, layer in enumerate(model.decoder_layers()):
         for group, lin in zip(_GROUPS, layer.linears(), strict=True):

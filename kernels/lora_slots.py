@@ -223,21 +223,34 @@ class LoraSlotStack:
         """Someone writes slot `slot` up to rank `rank` (a per-layer LoraSlots.write, or write())."""
         self.extent[slot] = max(self.extent[slot], rank)
 
-    def write(self, slot: int, per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+    def write(
+        self,
+        slot: int,
+        per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        rows_per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    ) -> None:
         """Put one adapter into slot `slot` of every layer: per output slice i, (A [num_layers, r_i, in],
         B [num_layers, width_i, r_i] scaled) or None (not targeted in any layer). Layers an adapter does
         not target must hold zeros there; ranks r_i..r_max and untargeted slices end up zero, so nothing
-        of the slot's previous adapter remains. The row tables follow. Same values as LoraSlots.write
-        of each layer's slices (exactly: plain copies)."""
+        of the slot's previous adapter remains. The row tables follow, from rows_per_slice when given
+        (the same values transposed, contiguous: (A^T [num_layers, in, r_i], B^T [num_layers, r_i,
+        width_i]); plain copies instead of transposing ones). Same values as LoraSlots.write of each
+        layer's slices (exactly: copies)."""
         num_slices = len(self.slice_offsets) - 1
-        if len(per_slice) != num_slices:
+        if len(per_slice) != num_slices or (rows_per_slice is not None and len(rows_per_slice) != num_slices):
             raise ValueError(f"expected {num_slices} slices, got {len(per_slice)}")
         ranks = [0 if ab is None else ab[0].shape[1] for ab in per_slice]
-        for (c0, c1), ab, r in zip(self._slices(), per_slice, ranks, strict=True):
-            if ab is not None and (
-                ab[0].shape != (self.num_layers, r, self.in_features) or ab[1].shape != (self.num_layers, c1 - c0, r)
-            ):  # copy_ would broadcast a misfit silently
-                raise ValueError(f"slice of width {c1 - c0}: A {tuple(ab[0].shape)} / B {tuple(ab[1].shape)} do not fit")
+        for i, ((c0, c1), ab, r) in enumerate(zip(self._slices(), per_slice, ranks, strict=True)):
+            if ab is None:
+                continue
+            shapes = [(self.num_layers, r, self.in_features), (self.num_layers, c1 - c0, r)]
+            given = [ab[0], ab[1]]
+            t_ab = None if rows_per_slice is None else rows_per_slice[i]
+            if t_ab is not None:
+                shapes += [(self.num_layers, self.in_features, r), (self.num_layers, r, c1 - c0)]
+                given += [t_ab[0], t_ab[1]]
+            if [tuple(t.shape) for t in given] != shapes:  # copy_ would broadcast a misfit silently
+                raise ValueError(f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}")
         if max(ranks) > self.r_max:
             raise ValueError(f"rank {max(ranks)} is above the slots' r_max {self.r_max}")
         old = self.extent[slot]
@@ -255,8 +268,10 @@ class LoraSlotStack:
                 a_slot[:, i, :r].copy_(a)
                 b_slot[:, c0:c1, :r].copy_(b)
                 if rows_a is not None and self.rows is not None:
-                    rows_a[:, :, i, :r].copy_(a.transpose(1, 2))
-                    self.rows.b[i][:, slot * r_max : slot * r_max + r].copy_(b.transpose(1, 2))
+                    t_ab = None if rows_per_slice is None else rows_per_slice[i]
+                    a_t, b_t = (a.transpose(1, 2), b.transpose(1, 2)) if t_ab is None else t_ab
+                    rows_a[:, :, i, :r].copy_(a_t)
+                    self.rows.b[i][:, slot * r_max : slot * r_max + r].copy_(b_t)
             if r < old:  # what the previous adapter left above this rank
                 a_slot[:, i, r:old].zero_()
                 b_slot[:, c0:c1, r:old].zero_()

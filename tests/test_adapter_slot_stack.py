@@ -88,13 +88,15 @@ def _assert_same(a: CausalLM, b: CausalLM, what: str) -> None:
         assert torch.equal(x, y), what
 
 
+@pytest.mark.parametrize("with_rows", [False, True], ids=["transposing", "host-rows"])
 @pytest.mark.parametrize("name", ["all16", "qv4", "ko1", "mlp6rs", "pattern"])
-def test_host_tier_write_equals_per_module_write(world, name):
-    """write_lora_slot of the host tier's AdapterWeights (a few stacked copies) leaves exactly the buffers
-    the per-layer, per-module LoraSlots.write leaves (a plain dict takes that path)."""
+def test_host_tier_write_equals_per_module_write(world, name, with_rows):
+    """write_lora_slot of the host tier's AdapterWeights (a few stacked copies; the row tables from the
+    host's transposed copy, or by transposing copies) leaves exactly the buffers the per-layer,
+    per-module LoraSlots.write leaves (a plain dict takes that path)."""
     _, base, adapters, shapes = world
-    weights = load_peft_adapter(name, adapters[name], shapes, R_MAX).weights
-    assert isinstance(weights, AdapterWeights)
+    weights = load_peft_adapter(name, adapters[name], shapes, R_MAX, with_rows=with_rows).weights
+    assert isinstance(weights, AdapterWeights) and (weights.rows is not None) == with_rows
     stacked, per_module = _model(base), _model(base)
     write_lora_slot(stacked, 1, weights)
     write_lora_slot(per_module, 1, dict(weights))
@@ -110,7 +112,7 @@ def test_reused_slot_keeps_nothing_of_its_previous_adapter(world):
     """Any order of writes (higher then lower rank, fewer targets and layers, per-module writes between,
     clears) leaves a slot as writing its last adapter into a fresh model; other slots are untouched."""
     _, base, adapters, shapes = world
-    loaded = {n: load_peft_adapter(n, p, shapes, R_MAX).weights for n, p in adapters.items()}
+    loaded = {n: load_peft_adapter(n, p, shapes, R_MAX, with_rows=n != "qv4").weights for n, p in adapters.items()}
     used = _model(base)
     write_lora_slot(used, 0, loaded["mlp6rs"])  # a neighbour that must survive everything below
     neighbour = [t.clone() for t in _slot_state(used)]
@@ -165,6 +167,8 @@ def test_stack_write_refuses_misfit_shapes():
         stack.write(0, [None, (a, b)])  # B of the first slice's width into the second
     with pytest.raises(ValueError, match="r_max"):
         stack.write(0, [(torch.ones(3, 5, 8), torch.ones(3, 4, 5)), None])
+    with pytest.raises(ValueError, match="do not fit"):  # row layouts not transposed
+        stack.write(0, [(a, b), None], [(a, b), None])
 
 
 @pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
@@ -193,6 +197,12 @@ def test_host_copy_holds_the_per_tensor_cast_and_scale(world, tmp_path, file_dty
         assert not a_all[0].any() and not b_all[0].any()  # layer 0 is not targeted
         assert (0, module) not in adapter.weights and torch.equal(adapter.weights[(1, module)][0], a_all[1])
     assert adapter.num_bytes == sum(t.numel() * 2 for ab in adapter.weights.stacked.values() for t in ab)
+    with_rows = load_peft_adapter("p", path, shapes, R_MAX, torch.bfloat16, with_rows=True)
+    assert with_rows.weights.rows is not None and with_rows.num_bytes == 2 * adapter.num_bytes
+    for module, (a_all, b_all) in adapter.weights.stacked.items():
+        a_t, b_t = with_rows.weights.rows[module]
+        assert a_t.is_contiguous() and torch.equal(a_t, a_all.transpose(1, 2))
+        assert b_t.is_contiguous() and torch.equal(b_t, b_all.transpose(1, 2))
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:
