@@ -168,12 +168,30 @@ def _check_config(name: str, cfg: dict, base: BaseShapes, max_rank: int) -> None
         log.warning("adapter %r was trained on %r; serving it on %r", name, expected, base.name)
 
 
-def _read_tensors(name: str, weights_path: Path) -> tuple[bytearray, dict[str, torch.Tensor]]:
-    """The file's bytes, read once, and tensor name -> a view of them."""
+# Each loader thread reads files into one reused buffer (up to this size): a fresh buffer would cost a
+# page fault per 4 KiB page on every load, about as much as the rest of the parse.
+SCRATCH_MAX_BYTES = 64 * 2**20
+_scratch = threading.local()
+
+
+def _read_buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes: a view of this thread's scratch buffer when small enough (valid
+    until this thread's next call), else a new one."""
+    if size > SCRATCH_MAX_BYTES:
+        return memoryview(bytearray(size))
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch.buf = bytearray(size)
+    return memoryview(buf)[:size]
+
+
+def _read_tensors(name: str, weights_path: Path) -> tuple[memoryview, dict[str, torch.Tensor]]:
+    """The file's bytes, read once (into _read_buffer: use them before this thread reads the next file),
+    and tensor name -> a view of them."""
     try:
         with weights_path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)  # writable: torch.frombuffer views it without a copy
+            buf = _read_buffer(size)  # writable: torch.frombuffer views it without a copy
             if f.readinto(buf) != size:
                 raise OSError("the file changed while it was read")
         header, data_start = parse_header(buf)
@@ -182,7 +200,7 @@ def _read_tensors(name: str, weights_path: Path) -> tuple[bytearray, dict[str, t
         raise AdapterFormatError(name, f"cannot read {WEIGHTS_FILE}: {exc}") from exc
 
 
-def _digest_in_background(parts: list[bytes | bytearray]) -> Callable[[], str]:
+def _digest_in_background(parts: list[bytes | memoryview]) -> Callable[[], str]:
     """sha256 over (length, bytes) of each part, computed by a thread (hashlib releases the GIL on large
     data) while the caller casts the tensors; the returned function waits for it and gives the hex."""
     digest = hashlib.sha256()
@@ -277,7 +295,34 @@ def load_peft_adapter(
         raise AdapterFormatError(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
     buf, raw = _read_tensors(name, weights_path)
     digest = _digest_in_background([config_bytes, buf])  # nothing writes buf: the views are only read
+    try:
+        weights = _host_copy(name, cfg, raw, base, max_rank, dtype, pin_memory, with_rows)
+    finally:
+        hexdigest = digest()  # also on errors: buf is reused by this thread's next read
+    return LoraAdapter(
+        name=name,
+        path=path,
+        rank=max(weights.ranks.values()),
+        alpha=float(cfg.get("lora_alpha", 8)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        target_modules=sorted(weights.stacked),
+        weights=weights,
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        digest=hexdigest,
+    )
 
+
+def _host_copy(
+    name: str,
+    cfg: dict,
+    raw: dict[str, torch.Tensor],
+    base: BaseShapes,
+    max_rank: int,
+    dtype: torch.dtype,
+    pin_memory: bool,
+    with_rows: bool,
+) -> AdapterWeights:
+    """Validate the file's tensors against the base model and build the host copy (see AdapterWeights)."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         m = _KEY.match(key)
@@ -328,14 +373,4 @@ def load_peft_adapter(
         weights.rows = {
             m: (_transposed(a, pin_memory), _transposed(b, pin_memory)) for m, (a, b) in stacked.items()
         }
-    return LoraAdapter(
-        name=name,
-        path=path,
-        rank=max(ranks.values()),
-        alpha=float(cfg.get("lora_alpha", 8)),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        target_modules=sorted(per_module),
-        weights=weights,
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        digest=digest(),
-    )
+    return weights

@@ -283,3 +283,19 @@ def test_engine_reusing_one_slot_matches_transformers_peft(world):
         assert margin > 1e-3, f"{name}: near-tied reference logits; pick another seed"
         assert result.token_ids == ref, name
     engine.adapter_cache.close()
+
+
+def test_host_copies_do_not_share_the_read_buffer(world):
+    """Files are read into a buffer each thread reuses: a host copy read before another file must keep its
+    values (nothing of it may be a view of that buffer), and equal the digest of a fresh read."""
+    _, _, adapters, shapes = world
+    first = load_peft_adapter("all16", adapters["all16"], shapes, R_MAX, torch.float32, with_rows=True)
+    kept = {m: (a.clone(), b.clone()) for m, (a, b) in first.weights.stacked.items()}
+    for name in ("qv4", "mlp6rs", "pattern"):  # overwrite the buffer with other files
+        load_peft_adapter(name, adapters[name], shapes, R_MAX, torch.float32)
+    for m, (a, b) in first.weights.stacked.items():
+        assert torch.equal(a, kept[m][0]) and torch.equal(b, kept[m][1]), m
+    again = load_peft_adapter("all16", adapters["all16"], shapes, R_MAX, torch.float32)
+    assert again.digest == first.digest and len(first.digest) == 64
+    other = load_peft_adapter("qv4", adapters["qv4"], shapes, R_MAX, torch.float32)
+    assert other.digest != first.digest
