@@ -370,7 +370,10 @@ def _host_copy(
         layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     if with_rows:
-        weights.rows = {
-            m: (_transposed(a, pin_memory), _transposed(b, pin_memory)) for m, (a, b) in stacked.items()
-        }
+        weights.rows = transposed_rows(weights, pin_memory)
     return weights
+
+
+def transposed_rows(weights: AdapterWeights, pin_memory: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The AdapterWeights.rows layout of `weights` (module -> contiguous (A^T, B^T) of all layers)."""
+    return {m: (_transposed(a, pin_memory), _transposed(b, pin_memory)) for m, (a, b) in weights.stacked.items()}

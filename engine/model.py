@@ -162,6 +162,7 @@ class LoraLinear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN-packed W (16-bit CPU), see kernels/cpu_linear.py
 
     def uses_row_tables(self) -> bool:
+        """Whether its slots keep CPU row tables (kernels/cpu_lora.py's rows strategy)."""
         return self.weight.device.type == "cpu" and self.kernels.cpu_lora_rows
 
     def allocate_lora(
