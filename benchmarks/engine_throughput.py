@@ -110,13 +110,15 @@ def main() -> None:
         )
     )
     base_bytes = engine.model.num_weight_bytes
-    adapter_bytes = max((row["bytes"] or 0 for row in engine.adapter_cache.list()), default=0)
     prompt_ids = engine.encode(PROMPT)
     if args.mode == "arrivals":
         return arrivals_main(engine, adapters, args)
     spec: ModelSpec = engine.model.spec
     base_flops = base_flops_per_token(spec)
     lora_flops = lora_flops_per_token(spec, tuple(args.targets.split(",")), args.rank)
+    # one adapter's weights: r x (in + out) per targeted linear and layer (= its FLOPs per token / 2), in the
+    # model's dtype (the host tier may hold more: a transposed copy for the row tables)
+    adapter_bytes = lora_flops // 2 * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     bandwidth = copy_bandwidth(engine_device(engine))
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; FLOPs per token: base {base_flops / 1e6:.1f} M, "
           f"rank-{args.rank} all-linear LoRA {lora_flops / 1e6:.2f} M", flush=True)  # fmt: skip
