@@ -9,7 +9,7 @@ wrong: every strategy is exact). Nothing here is a built-in timing.
 
 What is timed: one small function per CostFigures field (MEASURES), each over every distinct shape
 (out_total, num_slices, r_max, in_features) of the model's LoRA linears:
-    call_seconds_16bit / _32bit  one token through one adapter the way "grouped" / "stacked" run it: the
+    call_seconds_16bit / _32bit  CALL_TOKENS tokens through one adapter the way "grouped" / "stacked" run it: the
                                  shrink F.linear on the stacked A rows, then one addmm on the stacked B
                                  (per call; 16-bit: the model's dtype, bfloat16 for a float32 model)
     flops_per_second             a 32-token shrink over 4 slots' A rows (stacked / fused matmuls)
@@ -66,9 +66,10 @@ Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter)
 DEFAULT_CLOCK: Clock = time.perf_counter  # what a call without clock= reads (tests may set another)
 
 MODES = ("auto", "off")  # Config.cpu_calibration
-FORMAT_VERSION = 2  # bump when the cache file's layout or a measurement's meaning changes
+FORMAT_VERSION = 3  # bump when the cache file's layout or a measurement's meaning changes
 CACHE_FILE_NAME = "cpu_calibration.json"
 MAX_CACHE_ENTRIES = 32  # most recently saved entries kept (models x dtypes x thread counts)
+CALL_TOKENS = 4  # tokens of one adapter in the small-call measurement (a decode step's share of one adapter)
 STEADY_SPREAD = 1.6  # two passes further apart than this (some field): measured on a busy machine, not cached
 REVALIDATE_FACTOR = 2.5  # a cached figure re-timed off by more than this either way is re-measured
 BUDGET_SECONDS = 0.8  # the whole calibration, split evenly over the measurements and shapes
@@ -161,13 +162,13 @@ def call_field(dtype: torch.dtype) -> str:
 
 
 def _one_token_pair(p: Probe, s: LinearShape, dtype: torch.dtype) -> Callable[[], None]:
-    """One token through one adapter as "grouped" / "stacked" run it: h = x A^T on the stacked A rows
+    """CALL_TOKENS tokens through one adapter as "grouped" / "stacked" run it: h = x A^T on the stacked A rows
     [num_slices * r_max, in], then y += h B on the stacked (block-diagonal) B [num_slices * r_max, out]."""
     k = s.num_slices * s.r_max
-    x = p.rand(1, s.in_features, dtype=dtype)
+    x = p.rand(CALL_TOKENS, s.in_features, dtype=dtype)
     a = p.rand(k, s.in_features, dtype=dtype)
     bt = p.rand(k, s.out_total, dtype=dtype)
-    y = torch.zeros(1, s.out_total, dtype=dtype)
+    y = torch.zeros(CALL_TOKENS, s.out_total, dtype=dtype)
 
     def run() -> None:
         y.addmm_(F.linear(x, a), bt)
