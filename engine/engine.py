@@ -171,6 +171,7 @@ class Engine:
         for name in preload:
             self.adapter_cache.load(name, wait=600.0)
         self.adapter_cache.install_ready()
+        self.device_model.calibrate()  # CPU cost figures, timed now that start-up's other work is done
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
         self.last_step_ran = False  # False: the last step had nothing to run (e.g. adapters still loading)

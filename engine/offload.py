@@ -59,7 +59,8 @@ class DeviceModel:
         self.offloaded: str | None = None  # None while on the device, else the offload mode
         self.stats = OffloadStats()
         self._host_weights: HostWeights | None = None  # "host" mode only, while offloaded
-        # CPU: the LoRA cost model's figures, calibrated by the first _build and kept across offloads
+        # CPU: the LoRA cost model's figures, calibrated once (calibrate(), once start-up's other work is
+        # done) and kept across offloads
         self.calibration: Calibration | None = None
         self._build(None)
 
@@ -76,15 +77,24 @@ class DeviceModel:
             hf_config=self._hf_config,
             kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
         )
-        if self.device.type == "cpu":
-            if self.calibration is None:
-                self.calibration = calibrate_cpu_model(model, cfg.cpu_calibration, cfg.cache_dir)
-                log.info("CPU LoRA planner: %s", self.calibration.describe())
+        if self.device.type == "cpu" and self.calibration is not None:
             model.set_cost_figures(self.calibration.figures)
         self.model = model
         if not self.num_blocks:
             self.num_blocks = kv_cache_blocks(cfg, self.spec, self.dtype, self.device)
         self.runner = ModelRunner(model, self.spec, self.num_blocks, cfg.block_size)
+
+    def calibrate(self) -> None:
+        """CPU: measure (or read from the cache) the LoRA cost model's figures and give them to the model.
+        The engine calls it at the end of its start, after the tokenizer and the preloaded adapters, so
+        the timings do not compete with that work (figures measured on a busy machine pick poor plans)."""
+        model = self.model
+        if self.device.type != "cpu" or self.calibration is not None or model is None:
+            return
+        cfg = self._config
+        self.calibration = calibrate_cpu_model(model, cfg.cpu_calibration, cfg.cache_dir)
+        log.info("CPU LoRA planner: %s", self.calibration.describe())
+        model.set_cost_figures(self.calibration.figures)
 
     def live_runner(self) -> ModelRunner:
         """The runner; raises while offloaded (the engine wakes the model before it steps)."""
