@@ -47,14 +47,13 @@ from benchutil import free_port, git_commit, machine_info, write_results_section
 from compare import OtherLoad, ServerProcess, wait_for_quiet
 
 from loraplex.bench import BenchConfig, LengthSpec, run_benchmark
+from loraplex.engine.demo_adapters import ALL_LINEAR_MODULES, ATTENTION_MODULES, MLP_MODULES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 QV = ("q_proj", "v_proj")
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-ALL = ATTN + MLP
+ATTN, MLP, ALL = ATTENTION_MODULES, MLP_MODULES, ALL_LINEAR_MODULES
 
 
 @dataclass(frozen=True)

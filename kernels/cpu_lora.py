@@ -167,7 +167,8 @@ def lora_linear_cpu(
         assert slots.rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, slots.rows, slots.slice_offsets, meta)
     else:
-        apply_stacked(plan, y, x, stack_of(slots, active), meta, split_big(shape, meta, active.ks(meta), fig))
+        big = split_big(shape, meta, active.ks(meta), fig) if plan == "split" else ()
+        apply_stacked(plan, y, x, stack_of(slots, active), meta, big)
     return y
 
 
@@ -195,7 +196,7 @@ def lora_delta_cpu(
         assert rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, rows, slice_offsets, meta)
     else:
-        big = split_big(shape, meta, active.ks(meta), figures)
+        big = split_big(shape, meta, active.ks(meta), figures) if strategy == "split" else ()
         apply_stacked(strategy, y, x, build_stack(lora_a, lora_b, slice_offsets, active), meta, big)
 
 
