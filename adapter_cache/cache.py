@@ -30,14 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import AdapterError, AdapterNotFoundError
-from .peft_format import BaseShapes, LoraAdapter, load_peft_adapter
+from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter, transposed_rows
 from .sources import AdapterSources
 from .stats import CacheCounters
 from .tiers import HostTier, SlotTable
 
 log = logging.getLogger(__name__)
 
-WriteSlot = Callable[[int, dict, int], None]  # (slot, weights {(layer, module): (A, B)}, rank)
+# (slot, weights, rank): weights is an AdapterWeights (per module, all layers; a mapping
+# {(layer, module): (A, B)} too), written by engine.model.write_lora_slot in a few large copies
+WriteSlot = Callable[[int, AdapterWeights, int], None]
 
 
 class AdapterCache:
@@ -58,7 +60,11 @@ class AdapterCache:
         on_failure: Callable[[str, str], None] | None = None,
         on_ready: Callable[[str], None] | None = None,
         pin_memory: bool | None = None,
+        host_rows: bool = False,
     ) -> None:
+        """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
+        so a later slot write from the host tier is plain copies (memory: twice the host copy). A loader
+        thread adds it after the first install, which neither waits nor competes for it."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -70,6 +76,7 @@ class AdapterCache:
         self._clock = clock
         # Page-locked host copies make host -> GPU copies fast (and asynchronous-capable).
         self._pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._host_rows = host_rows
         self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
@@ -176,6 +183,8 @@ class AdapterCache:
             self._digests[name] = adapter.digest
             self.counters.install_seconds.add(time.perf_counter() - t0)
             self._changed.notify_all()
+            if self._host_rows and adapter.weights.rows is None and not self._closed:
+                self._pool.submit(self._add_rows, name, adapter)  # for its next install from the host tier
         return True
 
     # ---- runtime control (server) -------------------------------------------------------------------
@@ -389,11 +398,9 @@ class AdapterCache:
         error: AdapterError | None = None
         try:
             path = self.sources.resolve(name)
-            adapter = load_peft_adapter(name, path, self.base, self.max_rank, self.dtype)
-            if self._pin_memory:
-                adapter.weights = {
-                    k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in adapter.weights.items()
-                }
+            adapter = load_peft_adapter(
+                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory
+            )
         except AdapterError as exc:
             error = exc
         except Exception as exc:  # a bug or an odd OS error: still only this adapter fails
@@ -418,11 +425,29 @@ class AdapterCache:
             self._changed.notify_all()
         if error is not None:
             self._report_failure(name, error.message)
-        elif self._on_ready is not None:
+            return
+        if self._on_ready is not None:
             try:
                 self._on_ready(name)
             except Exception:
                 log.exception("on_ready(%r) raised", name)
+
+    def _add_rows(self, name: str, adapter: LoraAdapter) -> None:
+        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile."""
+        try:
+            rows = transposed_rows(adapter.weights, self._pin_memory)
+        except Exception:  # e.g. out of memory: installs then transpose while copying
+            log.exception("transposed host copy of adapter %r failed", name)
+            return
+        with self._lock:
+            if self._host.get(name) is not adapter:
+                return  # unloaded, evicted or replaced by a reload
+            before = adapter.num_bytes
+            adapter.weights.rows = rows  # one assignment: a concurrent slot write sees both or neither
+            evicted = self._host.grew(name, adapter.num_bytes - before, spare=lambda n: n in self._wanted)
+            for victim in evicted:
+                self._wanted.pop(victim, None)
+            self.counters.host_evictions += len(evicted)
 
     def _report_failure(self, name: str, message: str) -> None:
         if self._on_failure is None:

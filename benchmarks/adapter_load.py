@@ -12,6 +12,9 @@
 
     python benchmarks/adapter_load.py [--per-rank 10] [--rounds 3] [--drop-page-cache] [--out FILE.json]
 
+A host-tier copy is laid out per module for all layers (plus its transpose when the slots keep CPU row
+tables), so a host hit is a few large copies per module kind; "host MB" is what one adapter takes there.
+
 Adapter files are written into a temp dir just before they are read, so by default they sit in the OS
 page cache: "cold" means not in memory in this process, read from a warm disk. --drop-page-cache asks
 the kernel to drop each file's pages first (fsync + posix_fadvise DONTNEED, best effort, Linux).
@@ -392,10 +395,12 @@ def main() -> None:
         # it (checked in host_hit), but is still on host.
         for r, name in order:
             samples["hit"][r].append(host_hit(engine, name))
+        host_bytes = {row["name"]: row["bytes"] for row in engine.adapter_cache.list()}
         rows = [
             dict(
                 rank=r,
                 file_mb=file_bytes[r] / 1e6,
+                host_mb=(host_bytes.get(by_rank[r][0]) or 0) / 1e6,
                 cold=summary_ms(samples["cold"][r]),
                 cold_to_host=summary_ms(samples["to_host"][r]),
                 raw_read=summary_ms(samples["raw"][r]),
@@ -466,12 +471,12 @@ def print_report(rows: list[dict], peft: dict | None, tpot: dict | None, disk: s
         f"load average (1 min) {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end"
     )
     print(
-        f"{'rank':>4s} {'file MB':>7s} | {'cold->slot med':>14s} {'p90':>6s} | {'(to host med)':>13s} | {'raw read med':>12s} {'p90':>6s} | {'host hit med':>12s} {'p90':>6s}"
+        f"{'rank':>4s} {'file MB':>7s} {'host MB':>7s} | {'cold->slot med':>14s} {'p90':>6s} | {'(to host med)':>13s} | {'raw read med':>12s} {'p90':>6s} | {'host hit med':>12s} {'p90':>6s}"
     )
     for r in rows:
         c, h, raw, hit = r["cold"], r["cold_to_host"], r["raw_read"], r["host_hit"]
         print(
-            f"{r['rank']:4d} {r['file_mb']:7.1f} | {c['median_ms']:11.1f} ms {c['p90_ms']:6.1f} | {h['median_ms']:10.1f} ms | "
+            f"{r['rank']:4d} {r['file_mb']:7.1f} {r['host_mb']:7.1f} | {c['median_ms']:11.1f} ms {c['p90_ms']:6.1f} | {h['median_ms']:10.1f} ms | "
             f"{raw['median_ms']:9.1f} ms {raw['p90_ms']:6.1f} | {hit['median_ms']:9.2f} ms {hit['p90_ms']:6.2f}"
         )
     print(

@@ -129,6 +129,7 @@ class Engine:
             failure_ttl=config.adapter_failure_ttl,
             on_failure=self._fail_adapter_requests,
             on_ready=lambda name: self.wake.set(),
+            host_rows=self.device.type == "cpu" and config.cpu_lora_rows,  # the slots keep row tables
         )
         # Adapters named on the command line (--adapter, --preload) are read and validated during start
         # (a broken one stops it, naming the cause); the first max_active_adapters go into device slots.

@@ -13,6 +13,7 @@ import torch
 
 from ..adapter_cache.peft_format import BaseShapes
 from ..errors import InvalidRequestError, ModelLoadError
+from ..safetensors_view import tensor_view
 from ..scheduler.sampling_params import OPENAI_SAMPLING_DEFAULTS, SamplingParams
 from .model import SUPPORTED_ARCHS, CausalLM, KernelOptions, ModelSpec
 
@@ -233,13 +234,6 @@ def load_model(
     return model.eval(), spec
 
 
-_ST_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-
-
 def _read_header(path: Path) -> tuple[dict, int]:
     """(tensor name -> {dtype, shape, data_offsets}, offset of the data section) of a safetensors file."""
     try:
@@ -265,19 +259,10 @@ def _iter_tensors(files: list[Path], headers: list[tuple[dict, int]]) -> Iterato
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         for name, info in header.items():
             try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                begin, end = (data_start + int(o) for o in info["data_offsets"])
-                shape = [int(d) for d in info["shape"]]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ModelLoadError(f"bad safetensors entry {name!r} in {path}: {exc}") from exc
-            numel = 1
-            for d in shape:
-                numel *= d
-            elem = torch.empty((), dtype=dtype).element_size()
-            if begin < data_start or end > size or end - begin != numel * elem:
-                raise ModelLoadError(f"safetensors entry {name!r} in {path} is truncated or inconsistent")
-            t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=begin) if numel else torch.empty(0, dtype=dtype)
-            yield name, t.view(shape)
+                t = tensor_view(mm, info, data_start, size)
+            except ValueError as exc:
+                raise ModelLoadError(f"safetensors entry {name!r} in {path}: {exc}") from exc
+            yield name, t
 
 
 def export_weights(model: CausalLM, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter_cache.peft_format import AdapterWeights
 from ..errors import ModelLoadError
 from ..kernels import LoraMeta, LoraSlots, lora_linear
 from ..kernels.cpu_linear import pack_weight, packed_linear
 from ..kernels.cpu_plan import CostFigures, LinearShape
+from ..kernels.lora_slots import LoraSlotStack
 from .attention import AttnMeta, attention
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
@@ -159,15 +162,26 @@ class LoraLinear(nn.Module):
         self.slots: LoraSlots | None = None
         self.packed: torch.Tensor | None = None  # oneDNN-packed W (16-bit CPU), see kernels/cpu_linear.py
 
-    def allocate_lora(self, num_slots: int, r_max: int, *, copy_weight: bool = True) -> None:
+    def uses_row_tables(self) -> bool:
+        """Whether its slots keep CPU row tables (kernels/cpu_lora.py's rows strategy)."""
+        return self.weight.device.type == "cpu" and self.kernels.cpu_lora_rows
+
+    def allocate_lora(
+        self,
+        num_slots: int,
+        r_max: int,
+        *,
+        copy_weight: bool = True,
+        stack: LoraSlotStack | None = None,
+        layer: int = 0,
+    ) -> None:
         """Allocate the slot buffers; W (and the bias) move into them. With copy_weight=False the current
         W is not copied (the loader fills the views afterwards and calls pack(): no second copy of the
-        weights at load time)."""
-        w = self.weight
-        rows = w.device.type == "cpu" and self.kernels.cpu_lora_rows
+        weights at load time). With `stack`, the buffers are layer `layer` of the stack's (CausalLM)."""
         slots = LoraSlots(
-            w, self.bias, self.slice_offsets, num_slots, r_max,
-            with_row_tables=rows, copy_weight=copy_weight, zeros=lazy_zeros,
+            self.weight, self.bias, self.slice_offsets, num_slots, r_max,
+            with_row_tables=self.uses_row_tables(), copy_weight=copy_weight, zeros=lazy_zeros,
+            stack=stack, layer=layer,
         )  # fmt: skip
         self.slots = slots
         self.weight = nn.Parameter(slots.weight, requires_grad=False)  # shares the buffer: no second copy of W
@@ -314,6 +328,8 @@ class CausalLM(nn.Module):
         self.attention_scaling = attention_scaling
         self.num_lora_slots = 0
         self.lora_r_max = 0
+        # module kind ("qkv", "o", "gate_up", "down") -> the slot buffers of all layers (allocate_lora_slots)
+        self.lora_stacks: dict[str, LoraSlotStack] = {}
         self.lm_head_packed: torch.Tensor | None = None
         self.num_weight_bytes = 0  # base weights, counted once at load (packing replaces some parameters)
 
@@ -328,10 +344,21 @@ class CausalLM(nn.Module):
         return [lin for layer in self.decoder_layers() for lin in layer.linears()]
 
     def allocate_lora_slots(self, num_slots: int, r_max: int, *, copy_weights: bool = True) -> None:
-        """Give every LoraLinear num_slots slots of rank r_max. copy_weights=False: the base weights are
-        filled afterwards (load_model), which then calls pack()."""
-        for lin in self.lora_linears():
-            lin.allocate_lora(num_slots, r_max, copy_weight=copy_weights)
+        """Give every LoraLinear num_slots slots of rank r_max, as views of one LoraSlotStack per module
+        kind (so an adapter goes into a slot of every layer in a few copies). copy_weights=False: the base
+        weights are filled afterwards (load_model), which then calls pack()."""
+        layers = self.decoder_layers()
+        self.lora_stacks = {}
+        for group in _GROUPS:
+            first: LoraLinear = getattr(layers[0], group)
+            w = first.weight
+            stack = LoraSlotStack(
+                len(layers), w.shape[1], first.slice_offsets, num_slots, r_max, w.dtype, w.device,
+                with_row_tables=first.uses_row_tables(), zeros=lazy_zeros,
+            )  # fmt: skip
+            self.lora_stacks[group] = stack
+            for i, layer in enumerate(layers):
+                getattr(layer, group).allocate_lora(num_slots, r_max, copy_weight=copy_weights, stack=stack, layer=i)
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
         if copy_weights:
             self._pack_lm_head()
@@ -388,17 +415,32 @@ class CausalLM(nn.Module):
 
 
 _MODULE_OF = {(group, index): module for module, (group, index) in LORA_TARGETS.items()}
+_GROUPS = ("qkv", "o", "gate_up", "down")  # DecoderLayer attributes, in linears() order
 
 
-def write_lora_slot(model: CausalLM, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy one adapter into device slot `slot` of every layer (LoraSlots.write: what it does not fill is
-    zeroed, so nothing of the slot's previous adapter remains).
+def write_lora_slot(
+    model: CausalLM, slot: int, weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Copy one adapter into device slot `slot` of every layer; what it does not fill is zeroed, so nothing
+    of the slot's previous adapter remains.
 
-    weights: (layer, module) -> (A [r, in], B [out, r] scaled).
+    weights: (layer, module) -> (A [r, in], B [out, r] scaled); empty clears the slot. An AdapterWeights
+    (the host tier's layout: per module, all layers) goes in with a few large copies per module kind
+    (LoraSlotStack.write); a plain mapping by LoraSlots.write per layer and module kind.
     """
+    if not model.lora_stacks:
+        raise RuntimeError("write_lora_slot before allocate_lora_slots")
+    fits = isinstance(weights, AdapterWeights) and weights.num_layers == model.spec.num_layers
+    if fits or not weights:
+        stacked = weights.stacked if isinstance(weights, AdapterWeights) else {}
+        rows = weights.rows if isinstance(weights, AdapterWeights) else None
+        for group, stack in model.lora_stacks.items():
+            modules = [_MODULE_OF[(group, i)] for i in range(len(stack.slice_offsets) - 1)]
+            given_rows = None if rows is None or stack.rows is None else [rows.get(m) for m in modules]
+            stack.write(slot, [stacked.get(m) for m in modules], given_rows)
+        return
     for layer_idx, layer in enumerate(model.decoder_layers()):
-        for group, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears(), strict=True):
-            if lin.slots is None:
-                raise RuntimeError("write_lora_slot before allocate_lora_slots")
+        for group, lin in zip(_GROUPS, layer.linears(), strict=True):
+            assert lin.slots is not None
             per_slice = [weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)]
             lin.slots.write(slot, per_slice)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,7 +58,8 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
 
-    def load_slot(self, slot: int, weights: dict, rank: int) -> None:
+    def load_slot(self, slot: int, weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
+        """Write an adapter into a slot (write_lora_slot: an AdapterWeights in a few large copies)."""
         write_lora_slot(self.model, slot, weights)
         self.slot_ranks[slot] = rank
 

@@ -14,6 +14,11 @@ Ranks below r_max are zero-padded: padding contributes nothing to any sum. `slic
 true rank slot s holds for slice i (0: its adapter does not target that slice), and `versions[s]` counts
 writes to slot s, so a derived copy of a slot (the CPU stacked strategy's, kernels/cpu_lora.py) knows
 when it is stale.
+
+LoraSlotStack holds these buffers for one module kind of EVERY layer, stacked on a leading layer axis
+([num_layers, ...]); each layer's LoraSlots then holds views of its layer (same shapes and strides as
+buffers of its own), and one adapter goes into a slot of all layers with a few large copies per slice
+(LoraSlotStack.write) instead of a few small copies per layer and slice.
 """
 
 from __future__ import annotations
@@ -69,14 +74,23 @@ class LoraSlots:
         with_row_tables: bool,
         copy_weight: bool = True,
         zeros: ZerosFactory = _zeros,
+        stack: LoraSlotStack | None = None,
+        layer: int = 0,
     ) -> None:
-        """copy_weight=False leaves W and the bias zero (the loader fills the views afterwards)."""
+        """copy_weight=False leaves W and the bias zero (the loader fills the views afterwards). With
+        `stack`, the buffers are views of layer `layer` of the stack's (which must fit) instead of own."""
         out_total, in_f = weight.shape
         dtype, device = weight.dtype, weight.device
         self.slice_offsets = list(slice_offsets)
         self.num_slots, self.r_max, self.out_total = num_slots, r_max, out_total
         num_slices = len(self.slice_offsets) - 1
-        self.weight_ext = zeros((out_total + num_slots * num_slices * r_max, in_f), dtype, device)
+        self._stack = stack
+        if stack is not None:
+            stack.check_fits(out_total, in_f, self.slice_offsets, num_slots, r_max, with_row_tables, dtype)
+            stack.views.append(self)  # its write() keeps our slice_ranks / versions
+            self.weight_ext = stack.weight_ext[layer]
+        else:
+            self.weight_ext = zeros((out_total + num_slots * num_slices * r_max, in_f), dtype, device)
         if copy_weight:
             self.weight_ext[:out_total] = weight
         self.bias_ext: torch.Tensor | None = None
@@ -85,14 +99,19 @@ class LoraSlots:
             if copy_weight:
                 self.bias_ext[:out_total] = bias
         self.lora_a = self.weight_ext[out_total:].view(num_slots, num_slices, r_max, in_f)
-        self.lora_b = zeros((out_total, num_slots, r_max), dtype, device).transpose(0, 1)
         self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
-        self.rows: RowTables | None = None
         # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
         # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
         self.figures: CostFigures | None = None
+        self.rows: RowTables | None = None
+        if stack is not None:
+            self.lora_b = stack.lora_b[layer].transpose(0, 1)
+            if stack.rows is not None:
+                self.rows = RowTables(stack.rows.a[layer], [b[layer] for b in stack.rows.b])
+            return
+        self.lora_b = zeros((out_total, num_slots, r_max), dtype, device).transpose(0, 1)
         if with_row_tables:
             self.rows = RowTables(
                 zeros((num_slots * in_f, num_slices * r_max), dtype, device),
@@ -115,6 +134,8 @@ class LoraSlots:
         (the adapter does not target it). What it does not fill (ranks r..r_max, untargeted slices) is
         zeroed, so nothing of the slot's previous adapter remains; the row tables follow the slot."""
         r_max = self.r_max
+        if self._stack is not None:  # from now on the stack must zero this slot up to r_max in every layer
+            self._stack.touched(slot, r_max)
         for i, (c0, c1) in enumerate(self._slices()):
             ab = per_slice[i]
             r = 0 if ab is None else ab[0].shape[0]
@@ -139,10 +160,148 @@ class LoraSlots:
             bt[slot * r_max : (slot + 1) * r_max].copy_(self.lora_b[slot, c0:c1].T)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every buffer this object owns (for memory accounting)."""
+        """Every buffer this object owns (for memory accounting; views of a stack's buffers when stacked)."""
         owned = [self.weight_ext, self.lora_b]
         if self.bias_ext is not None:
             owned.append(self.bias_ext)
+        if self.rows is not None:
+            owned += [self.rows.a, *self.rows.b]
+        return owned
+
+
+class LoraSlotStack:
+    """The slot buffers of one module kind (one fused linear) of all num_layers layers, stacked:
+        weight_ext: [num_layers, out_total + num_slots * num_slices * r_max, in]   layer i = its weight_ext
+        lora_b:     [num_layers, out_total, num_slots, r_max]   slot-minor; layer i = its lora_b buffer
+        rows:       optional, a: [num_layers, num_slots * in, num_slices * r_max],
+                    b: per slice j, [num_layers, num_slots * r_max, width_j]
+    Each layer's LoraSlots(stack=self, layer=i) views its layer, so the kernels see the usual layouts.
+    All buffers come from the zeros factory (lazily mapped on CPU: untouched pages cost nothing).
+
+    write() puts one adapter into a slot of every layer at once: per slice one copy for A, one for B
+    and one per row table, from host copies laid out [num_layers, ...]. Slot contents above the rank
+    an earlier write left (self.extent[slot]) are known to be zero, so only [r, extent) is zeroed."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_features: int,
+        slice_offsets: Sequence[int],
+        num_slots: int,
+        r_max: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        with_row_tables: bool,
+        zeros: ZerosFactory = _zeros,
+    ) -> None:
+        self.slice_offsets = list(slice_offsets)
+        self.num_layers, self.num_slots, self.r_max = num_layers, num_slots, r_max
+        self.in_features, self.out_total = in_features, self.slice_offsets[-1]
+        self.dtype, self.device = dtype, device
+        num_slices = len(self.slice_offsets) - 1
+        ext_rows = self.out_total + num_slots * num_slices * r_max
+        self.weight_ext = zeros((num_layers, ext_rows, in_features), dtype, device)
+        self.lora_b = zeros((num_layers, self.out_total, num_slots, r_max), dtype, device)
+        self.rows: RowTables | None = None
+        if with_row_tables:
+            self.rows = RowTables(
+                zeros((num_layers, num_slots * in_features, num_slices * r_max), dtype, device),
+                [zeros((num_layers, num_slots * r_max, c1 - c0), dtype, device) for c0, c1 in self._slices()],
+            )
+        # Per slot: every rank index >= extent[slot] is zero in every layer and slice (all buffers).
+        self.extent = [0] * num_slots
+        self.views: list[LoraSlots] = []  # the layers' LoraSlots viewing this stack
+
+    def _slices(self) -> list[tuple[int, int]]:
+        return list(zip(self.slice_offsets, self.slice_offsets[1:], strict=False))
+
+    def check_fits(
+        self,
+        out_total: int,
+        in_f: int,
+        slice_offsets: list[int],
+        num_slots: int,
+        r_max: int,
+        with_row_tables: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        """Raise ValueError unless a LoraSlots of these arguments can view this stack's layers."""
+        want = (out_total, in_f, slice_offsets, num_slots, r_max, with_row_tables, dtype)
+        have = (
+            self.out_total, self.in_features, self.slice_offsets, self.num_slots, self.r_max,
+            self.rows is not None, self.dtype,
+        )  # fmt: skip
+        if want != have:
+            raise ValueError(f"LoraSlots {want} does not fit the stack {have}")
+
+    def touched(self, slot: int, rank: int) -> None:
+        """Someone writes slot `slot` up to rank `rank` (a per-layer LoraSlots.write, or write())."""
+        self.extent[slot] = max(self.extent[slot], rank)
+
+    def write(
+        self,
+        slot: int,
+        per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        rows_per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    ) -> None:
+        """Put one adapter into slot `slot` of every layer: per output slice i, (A [num_layers, r_i, in],
+        B [num_layers, width_i, r_i] scaled) or None (not targeted in any layer). Layers an adapter does
+        not target must hold zeros there; ranks r_i..r_max and untargeted slices end up zero, so nothing
+        of the slot's previous adapter remains. The row tables follow, from rows_per_slice when given
+        (the same values transposed, contiguous: (A^T [num_layers, in, r_i], B^T [num_layers, r_i,
+        width_i]); plain copies instead of transposing ones). Same values as LoraSlots.write of each
+        layer's slices (exactly: copies)."""
+        num_slices = len(self.slice_offsets) - 1
+        if len(per_slice) != num_slices or (rows_per_slice is not None and len(rows_per_slice) != num_slices):
+            raise ValueError(f"expected {num_slices} slices, got {len(per_slice)}")
+        ranks = [0 if ab is None else ab[0].shape[1] for ab in per_slice]
+        for i, ((c0, c1), ab, r) in enumerate(zip(self._slices(), per_slice, ranks, strict=True)):
+            if ab is None:
+                continue
+            shapes = [(self.num_layers, r, self.in_features), (self.num_layers, c1 - c0, r)]
+            given = [ab[0], ab[1]]
+            t_ab = None if rows_per_slice is None else rows_per_slice[i]
+            if t_ab is not None:
+                shapes += [(self.num_layers, self.in_features, r), (self.num_layers, r, c1 - c0)]
+                given += [t_ab[0], t_ab[1]]
+            if [tuple(t.shape) for t in given] != shapes:  # copy_ would broadcast a misfit silently
+                raise ValueError(f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}")
+        if max(ranks) > self.r_max:
+            raise ValueError(f"rank {max(ranks)} is above the slots' r_max {self.r_max}")
+        old = self.extent[slot]
+        self.touched(slot, max(ranks))  # kept if a copy below fails: the next write zeroes it all
+        r_max, in_f = self.r_max, self.in_features
+        ext = self.out_total + slot * num_slices * r_max
+        a_slot = self.weight_ext[:, ext : ext + num_slices * r_max].view(self.num_layers, num_slices, r_max, in_f)
+        b_slot = self.lora_b[:, :, slot]  # [num_layers, out_total, r_max], rows of stride num_slots * r_max
+        rows_a = None
+        if self.rows is not None:
+            rows_a = self.rows.a[:, slot * in_f : (slot + 1) * in_f].view(self.num_layers, in_f, num_slices, r_max)
+        for i, ((c0, c1), ab, r) in enumerate(zip(self._slices(), per_slice, ranks, strict=True)):
+            if ab is not None and r:
+                a, b = ab
+                a_slot[:, i, :r].copy_(a)
+                b_slot[:, c0:c1, :r].copy_(b)
+                if rows_a is not None and self.rows is not None:
+                    t_ab = None if rows_per_slice is None else rows_per_slice[i]
+                    a_t, b_t = (a.transpose(1, 2), b.transpose(1, 2)) if t_ab is None else t_ab
+                    rows_a[:, :, i, :r].copy_(a_t)
+                    self.rows.b[i][:, slot * r_max : slot * r_max + r].copy_(b_t)
+            if r < old:  # what the previous adapter left above this rank
+                a_slot[:, i, r:old].zero_()
+                b_slot[:, c0:c1, r:old].zero_()
+                if rows_a is not None and self.rows is not None:
+                    rows_a[:, :, i, r:old].zero_()
+                    self.rows.b[i][:, slot * r_max + r : slot * r_max + old].zero_()
+        self.extent[slot] = max(ranks)
+        for view in self.views:  # every layer now holds this adapter's slices at these ranks
+            view.slice_ranks[slot] = list(ranks)
+            view.versions[slot] += 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every stacked buffer (memory accounting)."""
+        owned = [self.weight_ext, self.lora_b]
         if self.rows is not None:
             owned += [self.rows.a, *self.rows.b]
         return owned

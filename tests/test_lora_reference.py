@@ -282,3 +282,35 @@ def test_split_serves_a_prompt_chunk_next_to_decodes():
     out = y.clone()
     lora_delta_cpu(out, x, a, b, [0, 12, 16, 20], meta, strategy="split")  # no figures: chunks of >= 8 tokens
     torch.testing.assert_close(out, _expected(x, y, a, b, [0, 12, 16, 20], token_slot), rtol=1e-10, atol=1e-10)
+
+
+def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
+    """A LoraSlotStack write (the host tier's path: all layers at once) updates every layer's true ranks
+    and versions: a stacked copy cached for the slot's previous adapter is not reused, and the new
+    adapter's lower rank / fewer slices are what the strategies compute with."""
+    from loraplex.kernels.lora_slots import LoraSlotStack
+
+    g = torch.Generator().manual_seed(4)
+    layers, in_f, offsets, num_slots, r_max = 2, 6, [0, 5, 8], 3, 4
+    stack = LoraSlotStack(layers, in_f, offsets, num_slots, r_max, torch.float64, torch.device("cpu"), with_row_tables=True)
+    ws = [torch.randn(8, in_f, generator=g, dtype=torch.float64) for _ in range(layers)]
+    views = [LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=True, stack=stack, layer=i) for i, w in enumerate(ws)]
+
+    def adapter(ranks):
+        return [
+            None if r == 0 else (torch.randn(layers, r, in_f, generator=g, dtype=torch.float64),
+                                 torch.randn(layers, c1 - c0, r, generator=g, dtype=torch.float64))
+            for r, (c0, c1) in zip(ranks, zip(offsets, offsets[1:]), strict=True)
+        ]  # fmt: skip
+
+    x = torch.randn(5, in_f, generator=g, dtype=torch.float64)
+    token_slot = [1, 1, -1, 1, 1]
+    for ranks in ([4, 3], [2, 0], [0, 1]):  # the same slot rewritten: lower rank, then another slice only
+        stack.write(1, adapter(ranks))
+        for i, view in enumerate(views):
+            assert view.slice_ranks[1] == ranks
+            meta = build_lora_meta(token_slot, [max(ranks)] * num_slots)
+            want = x @ ws[i].T + lora_delta_loop(x, view.lora_a, view.lora_b, offsets, token_slot).delta
+            for plan in ("stacked", "grouped", "split"):
+                got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,53 @@
+"""Zero-copy tensor views of safetensors data (a memory map or bytes read once), shared by the base
+model loader and the adapter reader. Every entry is checked against the buffer before it is viewed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, offset of the data section) of a whole safetensors
+    file in `buf`. Raises ValueError on a malformed header."""
+    if len(buf) < 8:
+        raise ValueError(f"file of {len(buf)} bytes is too short")
+    n = int.from_bytes(bytes(buf[:8]), "little")
+    if n <= 0 or n > min(MAX_HEADER_BYTES, len(buf) - 8):
+        raise ValueError(f"bad header length {n}")
+    header = json.loads(bytes(buf[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def tensor_view(buf, info: object, data_start: int, size: int) -> torch.Tensor:
+    """The tensor of header entry `info`, a view of the writable buffer `buf` (a memory map or a
+    bytearray) of `size` bytes whose data section starts at `data_start`. Raises ValueError when the
+    entry is malformed or reaches outside the data section."""
+    try:
+        assert isinstance(info, dict)
+        dtype = ST_DTYPES[info["dtype"]]
+        begin, end = (data_start + int(o) for o in info["data_offsets"])
+        shape = [int(d) for d in info["shape"]]
+    except (AssertionError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad entry ({exc!r})") from exc
+    numel = math.prod(shape)
+    elem = dtype.itemsize
+    if min(shape, default=0) < 0 or begin < data_start or end > size or end - begin != numel * elem:
+        raise ValueError("truncated or inconsistent entry")
+    if begin % elem:
+        raise ValueError(f"entry at offset {begin} is not aligned to its {elem}-byte elements")
+    if not numel:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=begin).view(shape)
