@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..cpu_threads import limit_this_thread
 from ..errors import AdapterError, AdapterNotFoundError
 from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter, transposed_rows
 from .sources import AdapterSources
@@ -77,7 +78,11 @@ class AdapterCache:
         # Page-locked host copies make host -> GPU copies fast (and asynchronous-capable).
         self._pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._host_rows = host_rows
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
+        # The loaders' torch ops (casts, transposes, checks) stay on their own thread: an OpenMP team of
+        # theirs would slow every model step (cpu_threads.py).
+        self._pool = ThreadPoolExecutor(
+            max_workers=load_workers, thread_name_prefix="adapter-load", initializer=limit_this_thread
+        )
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
         self._closed = False

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cpu_threads import limit_this_thread
 from ..errors import InvalidRequestError
 from ..scheduler.structured_output import StructuredOutput
 
@@ -113,7 +114,10 @@ class GrammarCache:
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future[Any]] = {}
         # two workers: one slow compile does not hold up a different schema queued behind it
-        self._pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
+        # (their torch ops, e.g. the masks, stay on their own thread: cpu_threads.py)
+        self._pool = ThreadPoolExecutor(
+            max_workers=COMPILE_THREADS, thread_name_prefix="loraplex-grammar", initializer=limit_this_thread
+        )
         self._compiler_lock = threading.Lock()
         self._compiler: Any = None  # xgrammar.GrammarCompiler, built in the pool on first use
         self._not_stop: torch.Tensor | None = None
