@@ -286,8 +286,10 @@ def test_split_serves_a_prompt_chunk_next_to_decodes():
 
 def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
     """A LoraSlotStack write (the host tier's path: all layers at once) updates every layer's true ranks
-    and versions: a stacked copy cached for the slot's previous adapter is not reused, and the new
-    adapter's lower rank / fewer slices are what the strategies compute with."""
+    and versions exactly as LoraSlots.write does: after a step has cached a stacked copy of slot 1's
+    adapter, rewriting slot 1 with another adapter (lower rank, fewer slices, another slice only; by
+    either path) makes the next step of every plan serve the new adapter, next to a slot written per
+    layer. Expected: the float64 loop over the adapters' own tensors (not read back from the slots)."""
     from loraplex.kernels.lora_slots import LoraSlotStack
 
     g = torch.Generator().manual_seed(4)
@@ -295,22 +297,48 @@ def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
     stack = LoraSlotStack(layers, in_f, offsets, num_slots, r_max, torch.float64, torch.device("cpu"), with_row_tables=True)
     ws = [torch.randn(8, in_f, generator=g, dtype=torch.float64) for _ in range(layers)]
     views = [LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=True, stack=stack, layer=i) for i, w in enumerate(ws)]
+    widths = [c1 - c0 for c0, c1 in zip(offsets, offsets[1:], strict=False)]
+    # what each layer's slots must hold: [num_slots, num_slices, r_max, in] and [num_slots, out, r_max]
+    truth_a = [torch.zeros(num_slots, 2, r_max, in_f, dtype=torch.float64) for _ in range(layers)]
+    truth_b = [torch.zeros(num_slots, 8, r_max, dtype=torch.float64) for _ in range(layers)]
 
-    def adapter(ranks):
+    def adapter(ranks):  # per slice (A [layers, r, in], B [layers, width, r]) or None
         return [
             None if r == 0 else (torch.randn(layers, r, in_f, generator=g, dtype=torch.float64),
-                                 torch.randn(layers, c1 - c0, r, generator=g, dtype=torch.float64))
-            for r, (c0, c1) in zip(ranks, zip(offsets, offsets[1:], strict=False), strict=True)
+                                 torch.randn(layers, width, r, generator=g, dtype=torch.float64))
+            for r, width in zip(ranks, widths, strict=True)
         ]  # fmt: skip
 
-    x = torch.randn(5, in_f, generator=g, dtype=torch.float64)
-    token_slot = [1, 1, -1, 1, 1]
-    for ranks in ([4, 3], [2, 0], [0, 1]):  # the same slot rewritten: lower rank, then another slice only
-        stack.write(1, adapter(ranks))
+    def expect(slot, per_slice):
+        for i in range(layers):
+            truth_a[i][slot], truth_b[i][slot] = 0, 0
+            for j, ab in enumerate(per_slice):
+                if ab is not None:
+                    r = ab[0].shape[1]
+                    truth_a[i][slot, j, :r] = ab[0][i]
+                    truth_b[i][slot, offsets[j] : offsets[j + 1], :r] = ab[1][i]
+
+    x = torch.randn(6, in_f, generator=g, dtype=torch.float64)
+    token_slot = [1, 2, -1, 1, 2, 1]
+    neighbour = adapter([2, 3])
+    for i, view in enumerate(views):  # slot 2 by the per-layer path
+        view.write(2, [None if ab is None else (ab[0][i], ab[1][i]) for ab in neighbour])
+    expect(2, neighbour)
+    by_layer = [False, False, True, False]  # the third rewrite of slot 1 goes per layer, the others stacked
+    for ranks, per_layer in zip(([4, 3], [2, 0], [3, 2], [0, 1]), by_layer, strict=True):
+        before = [view.versions[1] for view in views]
+        new = adapter(ranks)
+        if per_layer:
+            for i, view in enumerate(views):
+                view.write(1, [None if ab is None else (ab[0][i], ab[1][i]) for ab in new])
+        else:
+            stack.write(1, new)
+        expect(1, new)
         for i, view in enumerate(views):
-            assert view.slice_ranks[1] == ranks
-            meta = build_lora_meta(token_slot, [max(ranks)] * num_slots)
-            want = x @ ws[i].T + lora_delta_loop(x, view.lora_a, view.lora_b, offsets, token_slot).delta
-            for plan in ("stacked", "grouped", "split"):
+            assert view.slice_ranks[1] == ranks and view.slice_ranks[2] == [2, 3]
+            assert view.versions[1] == before[i] + 1
+            meta = build_lora_meta(token_slot, [r_max] * num_slots)
+            want = x @ ws[i].T + lora_delta_loop(x, truth_a[i], truth_b[i], offsets, token_slot).delta
+            for plan in ("stacked", "grouped", "split", "rows"):  # "stacked" / "split" cached slot 1's last adapter
                 got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
-                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, p=plan, r=ranks: f"{p} {r}: {m}")
