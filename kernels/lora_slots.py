@@ -19,7 +19,7 @@ when it is stale.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -89,6 +89,10 @@ class LoraSlots:
         self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
+        # CPU fused-packed plan (cpu_lora.py): the one packed [W; A_stack] copy (a FusedPacked) and the
+        # (active set, steps in a row) count that decides when to make one
+        self.fused: Any = None
+        self.steady: tuple[tuple | None, int] = (None, 0)
         self.rows: RowTables | None = None
         # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
         # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
