@@ -31,12 +31,15 @@ that does not target this linear (true rank 0 in every slice) costs nothing here
 The fused packed copy (FusedPacked, 16-bit CPU with packed base weights and a cost model): W with the
 stacked A rows of one active set under it, packed once; LoraSlots.fused keeps one (memory: one more copy
 of the linear's packed weights while it lives). It is made when the same active set (same slots, same
-write versions) has served FUSE_AFTER_STEPS steps in a row and the cost model prices it below the plan it
-replaces; a slot rewrite or a new pack of W (LoraLinear.pack) retires it.
+write versions) has served FUSE_AFTER_STEPS steps in a row, the cost model prices it below the plan it
+replaces, and those steps' savings would have repaid the time the linear's previous copy took to make
+(so sets that change every few steps do not repack all the time); a slot rewrite or a new pack of W
+(LoraLinear.pack) retires it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -58,7 +61,7 @@ from .cpu_plan import (
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
-FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy is made (a repack costs a few steps' savings)
+FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
 STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
@@ -185,10 +188,13 @@ def lora_linear_cpu(
             x.shape[0], shape, meta, active.ks(meta), cached, slots.rows is not None, can_fuse=packed is None,
             fused_packed=fused, fig=fig,
         )  # fmt: skip
-        if not fused and packed is not None and fig is not None and _steady(slots, key, meta):
+        held = _steps_held(slots, key, meta) if not fused and packed is not None and fig is not None else 0
+        if held >= FUSE_AFTER_STEPS:
             ks = active.ks(meta)
             now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
-            if fused_packed_cost(x.shape[0], shape, meta, ks, fig) < now and make_fused(slots, weight, bias, key, active):
+            saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)  # per step like this one
+            # worth it when the steps the set has held would have repaid the last copy this linear made
+            if saving > 0 and held * saving >= slots.fuse_seconds and make_fused(slots, weight, bias, key, active):
                 plan = "fused-packed"
     if plan == "fused-packed":
         return fused_packed(x, slots, key, meta)
@@ -298,20 +304,22 @@ def stack_mask(meta: LoraMeta, stack: StackedAB, dtype: torch.dtype) -> torch.Te
     return mask
 
 
-def _steady(slots: LoraSlots, key: tuple, meta: LoraMeta) -> bool:
-    """Count the steps in a row this linear has served the active set `key` (once per step: meta is the
-    step's); True once they reach FUSE_AFTER_STEPS."""
+def _steps_held(slots: LoraSlots, key: tuple, meta: LoraMeta) -> int:
+    """The steps in a row (this one included) this linear has served the active set `key`; counted once
+    per step (meta is the step's)."""
     mark = ("steady", id(slots))
     if mark not in meta.cache:
         meta.cache[mark] = True
         last, steps = slots.steady
         slots.steady = (key, steps + 1 if last == key else 1)
-    return slots.steady[0] == key and slots.steady[1] >= FUSE_AFTER_STEPS
+    return slots.steady[1] if slots.steady[0] == key else 0
 
 
 def make_fused(slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple, active: Active) -> bool:
     """Make (and keep on slots.fused, replacing the previous one) the fused packed copy of this active
-    set. False where packing does not apply to its shape (then this set is not tried again)."""
+    set; the seconds it took go to slots.fuse_seconds (what the next copy must repay). False where
+    packing does not apply to its shape (then this set is not tried again)."""
+    start = time.perf_counter()
     stack = stack_of(slots, active)
     slots.fused = None  # the old copy goes before the new one is made
     packed = pack_weight(torch.cat([weight, stack.a]))
@@ -320,6 +328,7 @@ def make_fused(slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None
         return False
     bias_ext = None if bias is None else torch.cat([bias, bias.new_zeros(stack.a.shape[0])])
     slots.fused = FusedPacked(key, packed, bias_ext, stack)
+    slots.fuse_seconds = time.perf_counter() - start
     return True
 
 

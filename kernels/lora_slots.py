@@ -93,6 +93,7 @@ class LoraSlots:
         # (active set, steps in a row) count that decides when to make one
         self.fused: Any = None
         self.steady: tuple[tuple | None, int] = (None, 0)
+        self.fuse_seconds = 0.0  # how long the last fused copy took to make
         self.rows: RowTables | None = None
         # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
         # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
@@ -130,6 +131,8 @@ class LoraSlots:
                 self.lora_b[slot, c0:c1, r:].zero_()
             self.slice_ranks[slot][i] = r
         self.versions[slot] += 1
+        if self.fused is not None and slot in self.fused.stack.slots:  # stale now: free its memory at once
+            self.fused = None
         if self.rows is not None:
             self._copy_slot_to_rows(slot)
 

@@ -333,8 +333,9 @@ def _assert_bf16_close(y, expected) -> None:
 def test_fused_packed_is_made_for_a_steady_active_set_and_follows_rewrites(token_slot):
     """16-bit CPU, packed W: after FUSE_AFTER_STEPS steps with one active set the cost model's plan is
     fused-packed (the shrink rides in the packed base matmul); every step, before and after, equals the
-    loop; a rewritten slot retires the fused copy at once (the next step serves the new weights) and a
-    new one is made after the set is steady again; a step with another active set does not use it."""
+    loop; a rewritten slot retires the fused copy at once (the next step serves the new weights); a new
+    one is made once the steps held would have repaid the time the last copy took; a step with another
+    active set does not use it."""
     from loraplex.kernels.cpu_lora import FUSE_AFTER_STEPS
 
     slots, w, bias, packed, a, b, offsets, ranks, g = _bf16_slots_case()
@@ -357,11 +358,14 @@ def test_fused_packed_is_made_for_a_steady_active_set_and_follows_rewrites(token
     meta = step(other)  # another active set: served without the fused copy, which stays
     assert not any(v == "fused-packed" for k, v in meta.cache.items() if k[0] == "plan") and slots.fused is made
     write_adapter_bf16(slots, a, b, 1, 6, offsets, g)  # slot 1 gets another adapter
-    meta = step(token_slot)
-    assert not any(v == "fused-packed" for k, v in meta.cache.items() if k[0] == "plan")
-    for _ in range(FUSE_AFTER_STEPS):
-        step(token_slot)
-    assert slots.fused is not None and slots.fused is not made
+    assert slots.fused is None  # stale: dropped with the write
+    slots.fuse_seconds = 1e9  # a copy that took this long is not repaid by a few steps' savings
+    for _ in range(2 * FUSE_AFTER_STEPS):
+        meta = step(token_slot)
+        assert not any(v == "fused-packed" for k, v in meta.cache.items() if k[0] == "plan") and slots.fused is None
+    slots.fuse_seconds = 0.0  # a cheap one is
+    step(token_slot)
+    assert slots.fused is not None and slots.fused.key[0] == made.key[0] and slots.fused.key != made.key
 
 
 def test_fused_packed_priced_against_the_separate_plans():
