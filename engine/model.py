@@ -193,6 +193,8 @@ class LoraLinear(nn.Module):
     def pack(self) -> None:
         """(Re)build the oneDNN-packed copy of W (16-bit CPU; None elsewhere or when turned off)."""
         self.packed = pack_weight(self.weight) if self.kernels.cpu_packed_linear else None
+        if self.slots is not None:  # the fused packed copy (kernels/cpu_lora.py) holds the old W
+            self.slots.fused = None
 
     def cost_shape(self) -> LinearShape | None:
         """The sizes the CPU cost model reads (kernels/cpu_plan.py); None before allocate_lora."""

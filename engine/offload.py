@@ -139,8 +139,9 @@ class DeviceModel:
         log.info("woke the model up from %s offload in %.2f s", mode, seconds)
 
     def device_bytes(self) -> int:
-        """Bytes of base weights, packed copies, adapter slots and KV cache held on the device (CPU
-        memory on a CPU engine); 0 while offloaded. Safe from other threads."""
+        """Bytes of base weights, packed copies, adapter slots (and the CPU LoRA path's stacked and fused
+        copies of them) and KV cache held on the device (CPU memory on a CPU engine); 0 while offloaded.
+        Safe from other threads."""
         model, runner = self.model, self.runner  # read once: the step thread may offload meanwhile
         if model is None or runner is None:
             return 0
@@ -154,6 +155,12 @@ class DeviceModel:
                 lin.lora_at,
                 *(lin.lora_bt or []),
             ]
+            if lin.slots is not None:  # the CPU LoRA path's copies of the active slots (kernels/cpu_lora.py)
+                fused = lin.slots.fused
+                if fused is not None:
+                    tensors += [fused.packed, fused.bias]
+                for stack in list(lin.slots.stack_cache.values()):  # list(): one atomic read of the dict
+                    tensors += [stack.a, stack.bt]
         tensors += [t for kv in runner.kv_caches for t in kv]
         return _storage_bytes(t for t in tensors if t is not None)
 

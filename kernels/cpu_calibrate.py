@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs, fused_single_cost
+from .cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs, fused_packed_cost, fused_single_cost
 from .meta import LoraMeta, build_lora_meta
 
 Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter)
@@ -511,7 +511,7 @@ REPRESENTATIVE_STEPS = [
     ("mixed", 64, 7),
     ("mixed", 256, 7),
 ]
-PLAN_COLUMNS = ("grouped", "stacked", "split", "rows", "fused-single")
+PLAN_COLUMNS = ("grouped", "stacked", "split", "rows", "fused-single", "fused-packed")
 TABLE_RANK = 16  # the adapters of the table: this rank (at most r_max) on every slice
 
 
@@ -532,15 +532,18 @@ def plan_estimates(
     fig: CostFigures, shape: LinearShape, kind: str, tokens: int, adapters: int, has_rows: bool, can_fuse: bool
 ) -> tuple[str, dict[str, float]]:
     """(the plan choose_plan picks, estimated seconds of each plan that applies) for one step of adapters
-    of rank TABLE_RANK on every slice; decodes with their stacked copy made already (steady decode),
-    prefills without."""
+    of rank TABLE_RANK on every slice; decodes with their stacked copy (and, packed W, their fused packed
+    copy) made already (steady decode), prefills without."""
     meta = step_meta(kind, tokens, adapters, shape.r_max)
     ks = (shape.num_slices * min(TABLE_RANK, shape.r_max),) * adapters
     cached = kind == "decode"
+    fused = cached and not can_fuse  # W packed (fused-single is for unpacked W)
     costs: dict[str, float] = {k: v for k, v in delta_costs(shape, meta, ks, cached, has_rows, fig).items()}
     if can_fuse and meta.is_single_full:
         costs["fused-single"] = fused_single_cost(tokens, shape, meta, fig)
-    return choose_plan(tokens, shape, meta, ks, cached, has_rows, can_fuse, fig), costs
+    if fused:
+        costs["fused-packed"] = fused_packed_cost(tokens, shape, meta, ks, fig)
+    return choose_plan(tokens, shape, meta, ks, cached, has_rows, can_fuse, fig, fused_packed=fused), costs
 
 
 def plan_table(fig: CostFigures, linears: Sequence[tuple[LinearShape, bool, bool]]) -> str:

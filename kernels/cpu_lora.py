@@ -6,6 +6,10 @@ at columns off[i]:off[i + 1],
 Layouts: lora_slots.py. Each strategy below computes that same sum exactly; cpu_plan.py picks the
 cheapest per step and shape:
     fused-single  one adapter covers the whole step: x @ [W; A rows]^T in one matmul, then the expand
+                  (W not packed: float32)
+    fused-packed  the shrink rides in the packed base matmul: x @ [W; A_stack]^T through a oneDNN-packed
+                  copy made for the step's active set once it has held FUSE_AFTER_STEPS steps (steady
+                  decode), then the mask of a mixed step and one expand: one small call per linear
     grouped       a matmul pair per active adapter (gather its tokens, shrink, expand, scatter back)
     stacked       every token times every active adapter at once: one shrink matmul over the adapters'
                   stacked A, a mask keeping each token's own adapter, one expand matmul: 2-3 calls per
@@ -23,16 +27,25 @@ of every adapter: bytes and multiply-adds proportional to what the adapters real
 A LoraSlots keeps the copies of its latest active sets (stack_cache, keyed by the slots and their write
 versions): in steady decode, with the same adapters step after step, no copy is made at all. An adapter
 that does not target this linear (true rank 0 in every slice) costs nothing here.
+
+The fused packed copy (FusedPacked, 16-bit CPU with packed base weights and a cost model): W with the
+stacked A rows of one active set under it, packed once; LoraSlots.fused keeps one (memory: one more copy
+of the linear's packed weights while it lives). It is made when the same active set (same slots, same
+write versions) has served FUSE_AFTER_STEPS steps in a row, the cost model prices it below the plan it
+replaces, and those steps' savings would have repaid the time the linear's previous copy took to make
+(so sets that change every few steps do not repack all the time); a slot rewrite or a new pack of W
+(LoraLinear.pack) retires it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import base_linear
+from .cpu_linear import base_linear, pack_weight, packed_linear
 from .cpu_plan import (
     CostFigures,
     DeltaStrategy,
@@ -40,12 +53,15 @@ from .cpu_plan import (
     Plan,
     choose_delta,
     choose_plan,
+    fused_packed_cost,
+    plan_cost,
     split_big,
     true_rank,
 )
 from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
+FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
 STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
@@ -117,6 +133,15 @@ def build_stack(
     return StackedAB(a, bt, torch.tensor(col_slot, dtype=torch.int64, device=dev), active.slots, starts)
 
 
+class FusedPacked(NamedTuple):
+    """[W; stack.a] packed for one active set (see the module docstring)."""
+
+    key: tuple  # _cache_key of the active set it was made for
+    packed: torch.Tensor  # pack_weight([W; stack.a]): [out_total + K, in]
+    bias: torch.Tensor | None  # [out_total + K], zeros under the A rows
+    stack: StackedAB
+
+
 def _cache_key(slots: LoraSlots, active: Active) -> tuple:
     return (active.slots, tuple(slots.versions[s] for s in active.slots))
 
@@ -153,12 +178,26 @@ def lora_linear_cpu(
         return base_linear(x, weight, bias, packed)
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
+    key = _cache_key(slots, active)
     if plan is None:
-        cached = _cache_key(slots, active) in slots.stack_cache
-        # Fusing gives up the packed base matmul, which costs more than it saves: only unpacked W fuses.
+        cached = key in slots.stack_cache
+        fused = slots.fused is not None and slots.fused.key == key
+        # fused-single gives up the packed base matmul, which costs more than it saves: only unpacked W;
+        # packed W fuses through the fused packed copy (fused-packed)
         plan = choose_plan(
-            x.shape[0], shape, meta, active.ks(meta), cached, slots.rows is not None, can_fuse=packed is None, fig=fig
-        )
+            x.shape[0], shape, meta, active.ks(meta), cached, slots.rows is not None, can_fuse=packed is None,
+            fused_packed=fused, fig=fig,
+        )  # fmt: skip
+        held = _steps_held(slots, key, meta) if not fused and packed is not None and fig is not None else 0
+        if held >= FUSE_AFTER_STEPS:
+            ks = active.ks(meta)
+            now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
+            saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)  # per step like this one
+            # worth it when the steps the set has held would have repaid the last copy this linear made
+            if saving > 0 and held * saving >= slots.fuse_seconds and make_fused(slots, weight, bias, key, active):
+                plan = "fused-packed"
+    if plan == "fused-packed":
+        return fused_packed(x, slots, key, meta)
     if plan == "fused-single":
         assert meta.is_single_full, "fused-single needs one slot covering the whole step"
         return fused_single(x, slots.weight_ext, slots.bias_ext, slots.lora_b, slots.slice_offsets, meta.slot_ids_list[0])
@@ -252,12 +291,64 @@ def delta_stacked(
     where the column's adapter is not the token's own, then y += h B_stack (one matmul)."""
     h = F.linear(x, stack.a)  # [num_tokens, K]
     if not (meta.is_single_full and len(stack.slots) == 1):
-        key = ("stack-mask", stack.slots, tuple(stack.starts), h.dtype)  # they fix col_slot
-        mask = meta.cache.get(key)
-        if mask is None:
-            mask = meta.cache[key] = (meta.token_slot[:, None] == stack.col_slot[None, :]).to(h.dtype)
-        h.mul_(mask)
+        h.mul_(stack_mask(meta, stack, h.dtype))
     y.addmm_(h, stack.bt)
+
+
+def stack_mask(meta: LoraMeta, stack: StackedAB, dtype: torch.dtype) -> torch.Tensor:
+    """[num_tokens, K]: 1 where column k belongs to the token's own adapter, else 0 (cached on meta)."""
+    key = ("stack-mask", stack.slots, tuple(stack.starts), dtype)  # they fix col_slot
+    mask = meta.cache.get(key)
+    if mask is None:
+        mask = meta.cache[key] = (meta.token_slot[:, None] == stack.col_slot[None, :]).to(dtype)
+    return mask
+
+
+def _steps_held(slots: LoraSlots, key: tuple, meta: LoraMeta) -> int:
+    """The steps in a row (this one included) this linear has served the active set `key`; counted once
+    per step (meta is the step's)."""
+    mark = ("steady", id(slots))
+    if mark not in meta.cache:
+        meta.cache[mark] = True
+        last, steps = slots.steady
+        slots.steady = (key, steps + 1 if last == key else 1)
+    return slots.steady[1] if slots.steady[0] == key else 0
+
+
+def make_fused(slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple, active: Active) -> bool:
+    """Make (and keep on slots.fused, replacing the previous one) the fused packed copy of this active
+    set; the seconds it took go to slots.fuse_seconds (what the next copy must repay). False where
+    packing does not apply to its shape (then this set is not tried again)."""
+    start = time.perf_counter()
+    stack = stack_of(slots, active)
+    slots.fused = None  # the old copy goes before the new one is made
+    packed = pack_weight(torch.cat([weight, stack.a]))
+    if packed is None:
+        slots.steady = (key, -(1 << 62))
+        return False
+    bias_ext = None if bias is None else torch.cat([bias, bias.new_zeros(stack.a.shape[0])])
+    slots.fused = FusedPacked(key, packed, bias_ext, stack)
+    slots.fuse_seconds = time.perf_counter() - start
+    return True
+
+
+def fused_packed(
+    x: torch.Tensor,  # [num_tokens, in]
+    slots: LoraSlots,
+    key: tuple,  # the step's active set: slots.fused must be made for it
+    meta: LoraMeta,
+) -> torch.Tensor:
+    """y = x W^T + b + delta through the fused packed copy: [y | h] = x [W; A_stack]^T + [b | 0] in one
+    packed matmul, h masked to each token's own adapter (mixed steps), y += h B_stack. Returns a
+    [num_tokens, out_total] view."""
+    fused = slots.fused
+    assert fused is not None and fused.key == key, "fused-packed needs the fused copy of this active set"
+    y_ext = packed_linear(x, fused.packed, fused.bias)  # [num_tokens, out_total + K]
+    y, h = y_ext[:, : slots.out_total], y_ext[:, slots.out_total :]
+    if not (meta.is_single_full and len(fused.stack.slots) == 1):
+        h.mul_(stack_mask(meta, fused.stack, h.dtype))
+    y.addmm_(h, fused.stack.bt)
+    return y
 
 
 def delta_split(

@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 from .meta import LoraMeta
 
 DeltaStrategy = Literal["grouped", "stacked", "split", "rows"]
-Plan = Literal["fused-single", "grouped", "stacked", "split", "rows"]
+Plan = Literal["fused-single", "fused-packed", "grouped", "stacked", "split", "rows"]
 SPLIT_MIN_TOKENS = 8  # without figures, "split" gives adapters with at least this many tokens their own pair
 SAFE_DEFAULT: DeltaStrategy = "grouped"  # the plan without figures: exact for every step, never far off
 
@@ -155,6 +155,34 @@ def fused_single_cost(num_tokens: int, shape: LinearShape, meta: LoraMeta, fig: 
     return fused + shape.num_slices * fig.call_seconds(shape.elem)
 
 
+def fused_packed_cost(num_tokens: int, shape: LinearShape, meta: LoraMeta, ks: tuple[int, ...], fig: CostFigures) -> float:
+    """Estimated extra seconds of the fused-packed plan over the base matmul alone: the stacked A columns
+    ride in the packed base matmul (their multiply-adds, no call), then the mask of a mixed step and one
+    expand call (every token times every active adapter's columns, as stacked)."""
+    total_k = sum(ks)
+    single = meta.is_single_full and sum(1 for k in ks if k) == 1
+    flops = 2 * num_tokens * total_k * (shape.in_features + shape.out_total)
+    return (1 if single else 2) * fig.call_seconds(shape.elem) + flops / fig.flops_per_second
+
+
+def plan_cost(
+    plan: Plan,
+    num_tokens: int,
+    shape: LinearShape,
+    meta: LoraMeta,
+    ks: tuple[int, ...],
+    stack_cached: bool,
+    has_rows: bool,
+    fig: CostFigures,
+) -> float:
+    """Estimated extra seconds of `plan` over the base matmul alone."""
+    if plan == "fused-single":
+        return fused_single_cost(num_tokens, shape, meta, fig)
+    if plan == "fused-packed":
+        return fused_packed_cost(num_tokens, shape, meta, ks, fig)
+    return delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
+
+
 def choose_plan(
     num_tokens: int,
     shape: LinearShape,
@@ -164,18 +192,22 @@ def choose_plan(
     has_rows: bool,
     can_fuse: bool,
     fig: CostFigures | None,
+    fused_packed: bool = False,
 ) -> Plan:
     """'fused-single' (the shrink rides in the base matmul: one adapter covers the whole step and W is not
-    packed) or the delta strategy that follows a base matmul of its own. Cached on meta."""
+    packed), 'fused-packed' (fused_packed: the packed [W; A_stack] copy of this active set exists) or the
+    delta strategy that follows a base matmul of its own, whichever the cost model prices lowest. Cached
+    on meta."""
     if fig is None:
         return SAFE_DEFAULT
-    key = ("plan", *shape, ks, stack_cached, has_rows, can_fuse, fig)
+    key = ("plan", *shape, ks, stack_cached, has_rows, can_fuse, fused_packed, fig)
     plan: Plan | None = meta.cache.get(key)
     if plan is None:
         plan = choose_delta(shape, meta, ks, stack_cached, has_rows, fig)
-        if can_fuse and meta.is_single_full:
-            separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
-            if fused_single_cost(num_tokens, shape, meta, fig) < separate:
-                plan = "fused-single"
+        separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
+        if can_fuse and meta.is_single_full and fused_single_cost(num_tokens, shape, meta, fig) < separate:
+            plan = "fused-single"
+        elif fused_packed and fused_packed_cost(num_tokens, shape, meta, ks, fig) < separate:
+            plan = "fused-packed"
         meta.cache[key] = plan
     return plan

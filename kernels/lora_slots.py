@@ -24,7 +24,7 @@ buffers of its own), and one adapter goes into a slot of all layers with a few l
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -102,6 +102,11 @@ class LoraSlots:
         self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
+        # CPU fused-packed plan (cpu_lora.py): the one packed [W; A_stack] copy (a FusedPacked) and the
+        # (active set, steps in a row) count that decides when to make one
+        self.fused: Any = None
+        self.steady: tuple[tuple | None, int] = (None, 0)
+        self.fuse_seconds = 0.0  # how long the last fused copy took to make
         # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
         # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
         self.figures: CostFigures | None = None
@@ -147,6 +152,8 @@ class LoraSlots:
                 self.lora_b[slot, c0:c1, r:].zero_()
             self.slice_ranks[slot][i] = r
         self.versions[slot] += 1
+        if self.fused is not None and slot in self.fused.stack.slots:  # stale now: free its memory at once
+            self.fused = None
         if self.rows is not None:
             self._copy_slot_to_rows(slot)
 
@@ -295,9 +302,11 @@ class LoraSlotStack:
                     rows_a[:, :, i, r:old].zero_()
                     self.rows.b[i][:, slot * r_max + r : slot * r_max + old].zero_()
         self.extent[slot] = max(ranks)
-        for view in self.views:  # every layer now holds this adapter's slices at these ranks
+        for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
             view.versions[slot] += 1
+            if view.fused is not None and slot in view.fused.stack.slots:  # stale now: free its memory at once
+                view.fused = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every stacked buffer (memory accounting)."""

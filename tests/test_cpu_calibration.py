@@ -54,10 +54,13 @@ class FakeClock:
         return self.now
 
 
-def _valid_plans(meta, has_rows: bool, can_fuse: bool) -> set[str]:
+def _valid_plans(meta, has_rows: bool, can_fuse: bool, fused_packed: bool = False) -> set[str]:
     """The plans that apply to this step (cpu_plan: grouped and stacked always; split with several
-    adapters; rows needs row tables; fused-single one slot over the whole step, W unpacked)."""
+    adapters; rows needs row tables; fused-single one slot over the whole step, W unpacked; fused-packed
+    the fused packed copy of the step's active set made)."""
     valid = {"grouped", "stacked"}
+    if fused_packed:
+        valid.add("fused-packed")
     if meta.num_active > 1:
         valid.add("split")
     if has_rows:
@@ -277,8 +280,9 @@ def test_plan_table_costs_every_applicable_plan():
         for has_rows, can_fuse in ((True, True), (False, False)):
             plan, costs = plan_estimates(figures, SHAPES[0], kind, tokens, adapters, has_rows, can_fuse)
             # split is costed only where some adapters are worth a pair of their own and some are not
-            assert set(costs) - {"split"} == _valid_plans(meta, has_rows, can_fuse) - {"split"} and plan in costs
-            assert set(costs) <= _valid_plans(meta, has_rows, can_fuse)
+            fused = kind == "decode" and not can_fuse  # the table's steady decode on packed W
+            valid = _valid_plans(meta, has_rows, can_fuse, fused)
+            assert set(costs) - {"split"} == valid - {"split"} and plan in costs and set(costs) <= valid
             assert costs[plan] == min(costs.values())
     table = cc.plan_table(figures, [(s, True, True) for s in SHAPES])
     assert len(table.splitlines()) == 2 + len(SHAPES) * len(cc.REPRESENTATIVE_STEPS)

@@ -342,3 +342,106 @@ def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
             for plan in ("stacked", "grouped", "split", "rows"):  # "stacked" / "split" cached slot 1's last adapter
                 got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, p=plan, r=ranks: f"{p} {r}: {m}")
+
+
+def _bf16_slots_case(seed: int = 4):
+    """bfloat16 LoraSlots (q|k|v-like, with bias) and its packed base weight, for the fused-packed plan
+    (16-bit CPU only); the loop's inputs are the same bf16 values in float64."""
+    from loraplex.kernels.cpu_linear import pack_weight
+
+    slices, r_max, in_f, num_slots = [40, 16, 16], 8, 32, 4
+    offsets = _offsets(slices)
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(sum(slices), in_f, generator=g) / 4).to(torch.bfloat16)
+    bias = torch.randn(sum(slices), generator=g).to(torch.bfloat16)
+    packed = pack_weight(w)
+    if packed is None:
+        pytest.skip("this torch build has no oneDNN packed linear")
+    slots = LoraSlots(w, bias, offsets, num_slots, r_max, with_row_tables=True)
+    a = torch.zeros(num_slots, 3, r_max, in_f, dtype=torch.float64)
+    b = torch.zeros(num_slots, sum(slices), r_max, dtype=torch.float64)
+    ranks = [2, 8, 5, 3]
+    for s, r in enumerate(ranks):
+        write_adapter_bf16(slots, a, b, s, r, offsets, g, targets=(0, 1, 2) if s != 2 else (1,))
+    slots.figures = EXAMPLE_FIGURES
+    return slots, w, bias, packed, a, b, offsets, ranks, g
+
+
+def write_adapter_bf16(slots, a, b, s, r, offsets, g, targets=(0, 1, 2)) -> None:
+    """Write a random rank-r adapter (bf16) into slot s and mirror it into the loop's float64 a / b."""
+    a[s], b[s] = 0, 0
+    per_slice = []
+    for i in range(len(offsets) - 1):
+        if i not in targets:
+            per_slice.append(None)
+            continue
+        ai = torch.randn(r, a.shape[3], generator=g).to(torch.bfloat16)
+        bi = torch.randn(offsets[i + 1] - offsets[i], r, generator=g).to(torch.bfloat16)
+        a[s, i, :r], b[s, offsets[i] : offsets[i + 1], :r] = ai.double(), bi.double()
+        per_slice.append((ai, bi))
+    slots.write(s, per_slice)
+
+
+def _assert_bf16_close(y, expected) -> None:
+    """bf16 rounding of the base output, of h and of the sum: a few 2**-8 of the output's scale."""
+    assert y.dtype == torch.bfloat16
+    err = (y.double() - expected).abs().max().item()
+    assert err <= 0.03 * expected.abs().max().item(), err
+
+
+@pytest.mark.parametrize("token_slot", [[1] * 9, [0, 1, -1, 3, 2, 1, 0, 0, -1]], ids=["single", "mixed"])
+def test_fused_packed_is_made_for_a_steady_active_set_and_follows_rewrites(token_slot):
+    """16-bit CPU, packed W: after FUSE_AFTER_STEPS steps with one active set the cost model's plan is
+    fused-packed (the shrink rides in the packed base matmul); every step, before and after, equals the
+    loop; a rewritten slot retires the fused copy at once (the next step serves the new weights); a new
+    one is made once the steps held would have repaid the time the last copy took; a step with another
+    active set does not use it."""
+    from loraplex.kernels.cpu_lora import FUSE_AFTER_STEPS
+
+    slots, w, bias, packed, a, b, offsets, ranks, g = _bf16_slots_case()
+    x = torch.randn(len(token_slot), w.shape[1], generator=g).to(torch.bfloat16)
+    base = x.double() @ w.double().T + bias.double()
+
+    def step(ts):
+        meta = build_lora_meta(ts, ranks)
+        y = lora_linear_cpu(x[: len(ts)], w, bias, packed, slots, meta)
+        _assert_bf16_close(y, _expected(x[: len(ts)].double(), base[: len(ts)], a, b, offsets, ts))
+        return meta
+
+    for i in range(FUSE_AFTER_STEPS + 2):
+        step(token_slot)
+        assert (slots.fused is not None) == (i >= FUSE_AFTER_STEPS - 1)
+    made = slots.fused
+    assert any(v == "fused-packed" for k, v in step(token_slot).cache.items() if k[0] == "plan")
+    assert slots.fused is made  # reused, not made again
+    other = [0] * 9 if token_slot != [0] * 9 else [1] * 9
+    meta = step(other)  # another active set: served without the fused copy, which stays
+    assert not any(v == "fused-packed" for k, v in meta.cache.items() if k[0] == "plan") and slots.fused is made
+    write_adapter_bf16(slots, a, b, 1, 6, offsets, g)  # slot 1 gets another adapter
+    assert slots.fused is None  # stale: dropped with the write
+    slots.fuse_seconds = 1e9  # a copy that took this long is not repaid by a few steps' savings
+    for _ in range(2 * FUSE_AFTER_STEPS):
+        meta = step(token_slot)
+        assert not any(v == "fused-packed" for k, v in meta.cache.items() if k[0] == "plan") and slots.fused is None
+    slots.fuse_seconds = 0.0  # a cheap one is
+    step(token_slot)
+    assert slots.fused is not None and slots.fused.key[0] == made.key[0] and slots.fused.key != made.key
+
+
+def test_fused_packed_priced_against_the_separate_plans():
+    """With the fused copy made, a single-adapter decode step is cheaper fused (one call saved); with
+    many adapters of a few tokens each the mask times every adapter's columns may cost more: the cost
+    model decides, and without figures nothing fuses."""
+    from loraplex.kernels.cpu_plan import fused_packed_cost, plan_cost
+
+    qkv = LinearShape(out_total=960, num_slices=3, r_max=16, in_features=576, elem=2)
+    single = build_lora_meta([0] * 32, [16])
+    assert choose_plan(32, qkv, single, (48,), True, True, can_fuse=False, fig=EXAMPLE_FIGURES, fused_packed=True) == "fused-packed"
+    single = build_lora_meta([0] * 32, [16])
+    assert choose_plan(32, qkv, single, (48,), True, True, can_fuse=False, fig=EXAMPLE_FIGURES) != "fused-packed"
+    assert choose_plan(32, qkv, single, (48,), True, True, can_fuse=False, fig=None, fused_packed=True) == "grouped"
+    many = build_lora_meta(list(range(32)) * 16, [16] * 32)  # a prompt-sized step over 32 adapters
+    fused = fused_packed_cost(512, qkv, many, (48,) * 32, EXAMPLE_FIGURES)
+    best = min(plan_cost(p, 512, qkv, many, (48,) * 32, True, True, EXAMPLE_FIGURES) for p in ("grouped", "stacked", "rows"))
+    plan = choose_plan(512, qkv, many, (48,) * 32, True, True, can_fuse=False, fig=EXAMPLE_FIGURES, fused_packed=True)
+    assert (plan == "fused-packed") == (fused < best)

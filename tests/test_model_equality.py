@@ -11,6 +11,7 @@ from tiny_models import ADAPTERS, ARCHS, reference_greedy, save_peft_adapter, sa
 from loraplex.config import Config
 from loraplex.engine.engine import Engine
 from loraplex.engine.runner import StepSeq
+from loraplex.kernels.cpu_plan import CostFigures
 from loraplex.scheduler.sampling_params import SamplingParams
 
 MAX_NEW = 12
@@ -97,12 +98,14 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
         assert res.token_ids == ref, f"adapter={name} prompt_len={len(prompt)}"
 
 
-def test_bfloat16_cpu_paths_agree(arch_setup):
+def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
     """16-bit CPU models take the oneDNN-packed base matmul and the per-token rows LoRA strategy (the
     default); the plain path (packing and row tables off: F.linear and the matmul LoRA strategies) is the
     yardstick. Against the float32 engine, the default path's logits are as close as the plain path's
     (within bf16 rounding: different summation orders round differently, neither is exact), in base-only,
-    one-adapter and many-adapter steps."""
+    one-adapter and many-adapter steps. The fused packed copy (fused-packed plan) is made from the first
+    step of an active set here (FUSE_AFTER_STEPS = 1), so the one-adapter steps run through it."""
+    monkeypatch.setattr("loraplex.kernels.cpu_lora.FUSE_AFTER_STEPS", 1)
     arch, base, adapters = arch_setup
     names = list(adapters)
     adapter_args = tuple((n, str(p)) for n, p in adapters.items())
@@ -112,6 +115,10 @@ def test_bfloat16_cpu_paths_agree(arch_setup):
     plain = Engine(replace(cfg, cpu_packed_linear=False, cpu_lora_rows=False))
     if default.model.layers[0].qkv.packed is None:
         pytest.skip("no oneDNN packed linear in this torch build")
+    # fixed figures (test data, not this machine's): the plans must not depend on how busy the machine is
+    default.model.set_cost_figures(
+        CostFigures(50e-6, 10e-6, flops_per_second=1e11, copy_bytes_per_second=1e10, row_call_seconds=10e-6, row_bytes_per_second=2.5e10)
+    )
     assert plain.model.layers[0].qkv.packed is None and plain.model.layers[0].qkv.lora_at is None
     assert default.model.layers[0].qkv.lora_at is not None
     prompts = _prompts(384)[:4]
@@ -125,5 +132,7 @@ def test_bfloat16_cpu_paths_agree(arch_setup):
             logits.append(engine.runner.run(step))
         scale = logits[0].abs().max()
         err_default, err_plain = ((lg - logits[0]).abs().max() / scale for lg in logits[1:])
+        if which == [names[2]] * 4:
+            assert any(lin.slots.fused is not None for lin in default.model.lora_linears()), "fused-packed never made"
         assert err_plain < 0.1, f"{arch} {which}: bf16 itself is off ({err_plain:.3f})"
         assert err_default <= 1.5 * max(err_plain, 0.01), f"{arch} {which}: {err_default:.4f} vs {err_plain:.4f}"
