@@ -445,3 +445,65 @@ def test_fused_packed_priced_against_the_separate_plans():
     best = min(plan_cost(p, 512, qkv, many, (48,) * 32, True, True, EXAMPLE_FIGURES) for p in ("grouped", "stacked", "rows"))
     plan = choose_plan(512, qkv, many, (48,) * 32, True, True, can_fuse=False, fig=EXAMPLE_FIGURES, fused_packed=True)
     assert (plan == "fused-packed") == (fused < best)
+
+
+def test_stacked_write_retires_every_layers_fused_packed_copy():
+    """16-bit CPU: once each layer's steady active set has its fused packed copy, a LoraSlotStack write
+    into one of its slots (all layers at once) drops every layer's copy, as LoraSlots.write does, and the
+    next steps serve the new adapter (against the loop over its own tensors)."""
+    from loraplex.kernels.cpu_linear import pack_weight
+    from loraplex.kernels.cpu_lora import FUSE_AFTER_STEPS
+    from loraplex.kernels.lora_slots import LoraSlotStack
+
+    g = torch.Generator().manual_seed(6)
+    layers, slices, r_max, in_f, num_slots = 2, [40, 16, 16], 8, 32, 3
+    offsets = _offsets(slices)
+    stack = LoraSlotStack(layers, in_f, offsets, num_slots, r_max, torch.bfloat16, torch.device("cpu"), with_row_tables=True)
+    ws = [(torch.randn(sum(slices), in_f, generator=g) / 4).to(torch.bfloat16) for _ in range(layers)]
+    packed = [pack_weight(w) for w in ws]
+    if packed[0] is None:
+        pytest.skip("this torch build has no oneDNN packed linear")
+    views = [LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=True, stack=stack, layer=i) for i, w in enumerate(ws)]
+    truth_a = [torch.zeros(num_slots, 3, r_max, in_f, dtype=torch.float64) for _ in range(layers)]
+    truth_b = [torch.zeros(num_slots, sum(slices), r_max, dtype=torch.float64) for _ in range(layers)]
+
+    def write(slot, r):
+        per_slice = []
+        for j, width in enumerate(slices):
+            a = torch.randn(layers, r, in_f, generator=g).to(torch.bfloat16)
+            b = torch.randn(layers, width, r, generator=g).to(torch.bfloat16)
+            for i in range(layers):
+                truth_a[i][slot, j], truth_b[i][slot, offsets[j] : offsets[j + 1]] = 0, 0
+                truth_a[i][slot, j, :r], truth_b[i][slot, offsets[j] : offsets[j + 1], :r] = a[i].double(), b[i].double()
+            per_slice.append((a, b))
+        stack.write(slot, per_slice)
+
+    write(0, 4)
+    write(1, 8)
+    for view in views:
+        view.figures = EXAMPLE_FIGURES
+    token_slot = [1] * 9
+    x = torch.randn(9, in_f, generator=g).to(torch.bfloat16)
+
+    def step():
+        meta = build_lora_meta(token_slot, [8] * num_slots)
+        for i, view in enumerate(views):
+            y = lora_linear_cpu(x, ws[i], None, packed[i], view, meta)
+            base = x.double() @ ws[i].double().T
+            _assert_bf16_close(y, _expected(x.double(), base, truth_a[i], truth_b[i], offsets, token_slot))
+
+    for _ in range(FUSE_AFTER_STEPS + 1):
+        step()
+    assert all(view.fused is not None for view in views)
+    write(1, 5)  # slot 1 gets another adapter, all layers at once
+    assert all(view.fused is None for view in views)
+    step()  # the new adapter's weights, every layer
+    write(0, 3)  # a slot the fused copies do not hold leaves them be
+    for view in views:
+        view.fuse_seconds = 0.0  # a new copy is repaid at once (cpu_lora.py's rule)
+    for _ in range(FUSE_AFTER_STEPS + 1):
+        step()
+    kept = [view.fused for view in views]
+    assert all(f is not None for f in kept)
+    write(2, 2)
+    assert [view.fused for view in views] == kept
