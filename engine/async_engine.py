@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,45 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def launch(cls, make_engine: Callable[[], Engine]) -> AsyncEngine:
+        """Build the Engine on a new thread and run the step loop on that same thread; returns once the
+        engine is built (its exception if building fails). Prefer it (or run_here) to Engine on one
+        thread and start(): see run_here."""
+        built: list[AsyncEngine] = []
+        failed: list[BaseException] = []
+        ready = threading.Event()
+
+        def boot() -> None:
+            try:
+                built.append(cls(make_engine()))
+            except BaseException as exc:  # handed to the caller
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
+            built[0].run_here()
+
+        thread = threading.Thread(target=boot, name="loraplex-step-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        return built[0]
+
+    def run_here(self) -> None:
+        """Run the step loop on the calling thread until stop(). For the thread that built the Engine:
+        then one thread runs every torch op of the model (load, packing, calibration, steps). Each
+        thread that runs a parallel torch op gets an OpenMP team of its own, and once the process holds
+        more OpenMP threads than CPUs, libgomp sleeps at every barrier instead of spinning: a model built
+        on one thread and stepped on another decodes ~2x slower on a 2-core CPU (cpu_threads.py)."""
+        if self._thread is not None and self._thread is not threading.current_thread():
+            raise RuntimeError("the step loop already runs on another thread")
+        self._thread = threading.current_thread()
+        self._loop()
+
     def start(self) -> None:
+        """Run the step loop on a new thread (an engine built elsewhere: tests, embedding; see run_here)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="loraplex-step-loop", daemon=True)
             self._thread.start()
@@ -45,7 +83,7 @@ class AsyncEngine:
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             self._thread = None
         self.engine.adapter_cache.close()

@@ -249,8 +249,9 @@ class LoraplexReplica:
 
         if config.model is None and not config.adapters and config.adapter_dir is None:
             config = replace(config, adapters=demo_adapter_sources())  # as `loraplex serve` does
-        self.aengine = AsyncEngine(Engine(config))
-        self.aengine.start()  # the app's lifespan would do it; it never runs here
+        # built and stepped on one thread of its own (one OpenMP team: AsyncEngine.run_here); the app's
+        # lifespan would start it, but it never runs here
+        self.aengine = AsyncEngine.launch(lambda: Engine(config))
         keys = build_key_table(server.api_key, server.api_keys_file)
         self.app = create_app(
             self.aengine,
