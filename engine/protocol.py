@@ -123,7 +123,11 @@ class EngineClient(Protocol):
     def info(self) -> EngineInfo: ...
 
     def start(self) -> None:
-        """Start stepping (idempotent)."""
+        """Start stepping on a thread of its own (idempotent)."""
+
+    def run_here(self) -> None:
+        """Step on the calling thread until stop(): for the thread that built the engine (one thread
+        runs every model op; see AsyncEngine.run_here)."""
 
     def stop(self) -> None:
         """Stop stepping and release background loaders (at shutdown)."""

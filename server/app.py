@@ -82,11 +82,6 @@ def create_app(
         if state.engine is not None:
             state.engine.start()
         elif build_engine is not None:
-            from ..cpu_threads import limit_this_thread
-
-            # the event loop thread never steps the model: keep any torch op of it off OpenMP, so the
-            # process holds one OpenMP team, the stepping thread's (AsyncEngine.run_here)
-            limit_this_thread()
             loop = asyncio.get_running_loop()
             threading.Thread(
                 target=_build,
@@ -162,11 +157,8 @@ def _build(
 
     loop.call_soon_threadsafe(install)
     installed.wait()
-    if started[0] and hasattr(engine, "run_here"):
-        # this thread built the model: it steps it too (one OpenMP team: AsyncEngine.run_here)
+    if started[0]:  # this thread built the model: it steps it too (EngineClient.run_here)
         engine.run_here()
-    elif started[0]:
-        engine.start()
 
 
 def _state(request: Request) -> ServerState:
