@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter_cache.versions import public_name
-from ..cpu_threads import limit_this_thread
 from ..errors import AdapterError, InvalidRequestError, LoraplexError
 from ..scheduler.sampling_params import SamplingParams
 from ..scheduler.structured_output import StructuredOutput
@@ -37,11 +36,6 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Threads that submitted requests; those other than the one this object was made on (with its
-        # Engine, as launch and the server's build thread do) keep their torch ops off OpenMP
-        # (cpu_threads.py): the process then holds one OpenMP team, the stepping thread's.
-        self._limited: set[int] = set()
-        self._built_on = threading.get_ident()
 
     @classmethod
     def launch(cls, make_engine: Callable[[], Engine]) -> AsyncEngine:
@@ -140,10 +134,6 @@ class AsyncEngine:
         """Queue a request; iterate its outputs until the one with finished=True. Validation errors raise
         here, before the first output. Closing the iterator early (client gone) aborts the request."""
         loop = asyncio.get_running_loop()
-        if threading.get_ident() not in self._limited:  # once per thread
-            self._limited.add(threading.get_ident())
-            if threading.get_ident() != self._built_on:  # an event loop thread that never steps the model
-                limit_this_thread()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         grammar = None
