@@ -59,7 +59,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs, fused_packed_cost, fused_single_cost
+from .cpu_plan import (
+    FUSE_MAX_ADAPTERS,
+    CostFigures,
+    LinearShape,
+    choose_plan,
+    delta_costs,
+    fused_packed_cost,
+    fused_single_cost,
+)
 from .meta import LoraMeta, build_lora_meta
 
 Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter)
@@ -537,7 +545,7 @@ def plan_estimates(
     meta = step_meta(kind, tokens, adapters, shape.r_max)
     ks = (shape.num_slices * min(TABLE_RANK, shape.r_max),) * adapters
     cached = kind == "decode"
-    fused = cached and not can_fuse  # W packed (fused-single is for unpacked W)
+    fused = cached and not can_fuse and adapters <= FUSE_MAX_ADAPTERS  # W packed (fused-single: unpacked W)
     costs: dict[str, float] = {k: v for k, v in delta_costs(shape, meta, ks, cached, has_rows, fig).items()}
     if can_fuse and meta.is_single_full:
         costs["fused-single"] = fused_single_cost(tokens, shape, meta, fig)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from .cpu_linear import base_linear, pack_weight, packed_linear
 from .cpu_plan import (
+    FUSE_MAX_ADAPTERS,
     CostFigures,
     DeltaStrategy,
     LinearShape,
@@ -62,10 +63,6 @@ from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
 FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
-# Active sets of more adapters get no fused copy: every token times every adapter's columns inside the
-# packed matmul cost more than the model's FLOP count says (measured on a 2-core AMD EPYC, bf16, batch 32,
-# rank 16: 1 and 2 adapters faster fused, 8 slower than the rows strategy)
-FUSE_MAX_ADAPTERS = 2
 STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
@@ -183,19 +180,19 @@ def lora_linear_cpu(
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
     key = _cache_key(slots, active)
+    ks = active.ks(meta)
     if plan is None:
         cached = key in slots.stack_cache
         fused = slots.fused is not None and slots.fused.key == key
         # fused-single gives up the packed base matmul, which costs more than it saves: only unpacked W;
         # packed W fuses through the fused packed copy (fused-packed)
         plan = choose_plan(
-            x.shape[0], shape, meta, active.ks(meta), cached, slots.rows is not None, can_fuse=packed is None,
+            x.shape[0], shape, meta, ks, cached, slots.rows is not None, can_fuse=packed is None,
             fused_packed=fused, fig=fig,
         )  # fmt: skip
         can_make = not fused and packed is not None and fig is not None and len(active.slots) <= FUSE_MAX_ADAPTERS
         held = _steps_held(slots, key, meta) if can_make else 0
         if held >= FUSE_AFTER_STEPS:
-            ks = active.ks(meta)
             now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
             saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)  # per step like this one
             # worth it when the steps the set has held would have repaid the last copy this linear made
@@ -211,7 +208,7 @@ def lora_linear_cpu(
         assert slots.rows is not None, "the rows strategy needs the row tables"
         delta_rows(y, x, slots.rows, slots.slice_offsets, meta)
     else:
-        big = split_big(shape, meta, active.ks(meta), fig) if plan == "split" else ()
+        big = split_big(shape, meta, ks, fig) if plan == "split" else ()
         apply_stacked(plan, y, x, stack_of(slots, active), meta, big)
     return y
 
@@ -294,7 +291,17 @@ def delta_stacked(
 ) -> None:
     """y += delta for every token and every stacked adapter at once: h = x A_stack^T (one matmul), zeroed
     where the column's adapter is not the token's own, then y += h B_stack (one matmul)."""
-    h = F.linear(x, stack.a)  # [num_tokens, K]
+    expand_own(y, F.linear(x, stack.a), stack, meta)
+
+
+def expand_own(
+    y: torch.Tensor,  # [num_tokens, out_total], updated in place
+    h: torch.Tensor,  # [num_tokens, K]: every token's shrink by every stacked adapter, overwritten
+    stack: StackedAB,
+    meta: LoraMeta,
+) -> None:
+    """y += h B_stack, h first zeroed where the column's adapter is not the token's own (unless one
+    adapter covers the whole step)."""
     if not (meta.is_single_full and len(stack.slots) == 1):
         h.mul_(stack_mask(meta, stack, h.dtype))
     y.addmm_(h, stack.bt)
@@ -349,10 +356,8 @@ def fused_packed(
     fused = slots.fused
     assert fused is not None and fused.key == key, "fused-packed needs the fused copy of this active set"
     y_ext = packed_linear(x, fused.packed, fused.bias)  # [num_tokens, out_total + K]
-    y, h = y_ext[:, : slots.out_total], y_ext[:, slots.out_total :]
-    if not (meta.is_single_full and len(fused.stack.slots) == 1):
-        h.mul_(stack_mask(meta, fused.stack, h.dtype))
-    y.addmm_(h, fused.stack.bt)
+    y = y_ext[:, : slots.out_total]
+    expand_own(y, y_ext[:, slots.out_total :], fused.stack, meta)
     return y
 
 
