@@ -140,7 +140,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(config.model, config.cache_dir)
     hf_config = load_hf_config(model_dir)
     dtype = pick_dtype(config.dtype, hf_config)
-    kernels = KernelOptions("torch", config.cpu_packed_linear, config.cpu_lora_rows)
+    kernels = KernelOptions("torch", config.cpu_packed_linear, config.cpu_lora_rows, config.cpu_lora_merge)
     model, _ = load_model(
         model_dir, dtype, "cpu", (config.max_active_adapters, config.max_lora_rank), hf_config=hf_config, kernels=kernels
     )

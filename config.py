@@ -141,6 +141,12 @@ class Config:
         True,
         "CPU: row tables of the adapter slots for the per-token rows LoRA strategy (one more copy of the slots)",
     )
+    cpu_lora_merge: bool = _opt(
+        True,
+        "16-bit models on CPU: while every token of the steps uses one adapter, serve them from a packed copy of "
+        "the weights with that adapter merged in (no LoRA work per step; one more copy of the linears while it "
+        "lives; bf16 rounding of W + BA, as PEFT's merge)",
+    )
     cpu_calibration: str = _opt(
         "auto",
         "CPU: auto (time the LoRA cost model's per-machine figures at start on the model's shapes, cached in "

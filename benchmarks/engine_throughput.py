@@ -59,7 +59,7 @@ from loraplex.engine.model import ModelSpec
 from loraplex.kernels.cpu_linear import base_linear, pack_weight
 from loraplex.scheduler.sampling_params import SamplingParams
 
-KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows", "cpu_calibration")
+KERNEL_SWITCHES = ("lora_backend", "cpu_packed_linear", "cpu_lora_rows", "cpu_lora_merge", "cpu_calibration")
 TARGETS_B32 = {1: 0.85, 8: 0.7, 32: 0.5}  # batch 32: adapters -> kept it must reach
 KEPT_VS_BOUND_TARGET = 0.85
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time"

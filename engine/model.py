@@ -51,11 +51,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 @dataclass(frozen=True)
 class KernelOptions:
     """How the model's linears compute; the engine fills it from Config (lora_backend, cpu_packed_linear,
-    cpu_lora_rows), so the A/B switches reach the kernels as plain arguments."""
+    cpu_lora_rows, cpu_lora_merge), so the A/B switches reach the kernels as plain arguments."""
 
     lora_backend: str = "auto"  # auto | torch | triton (kernels.lora_linear)
     cpu_packed_linear: bool = True  # 16-bit CPU: oneDNN-packed base weights (kernels/cpu_linear.py)
     cpu_lora_rows: bool = True  # CPU: row tables of the LoRA slots (the rows strategy, kernels/cpu_lora.py)
+    cpu_lora_merge: bool = True  # 16-bit CPU: the merged plan (W + B A packed for one-adapter steps, kernels/cpu_lora.py)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class LoraLinear(nn.Module):
             with_row_tables=self.uses_row_tables(), copy_weight=copy_weight, zeros=lazy_zeros,
             stack=stack, layer=layer,
         )  # fmt: skip
+        slots.merge = self.kernels.cpu_lora_merge
         self.slots = slots
         self.weight = nn.Parameter(slots.weight, requires_grad=False)  # shares the buffer: no second copy of W
         if slots.bias is not None:

@@ -75,7 +75,7 @@ class DeviceModel:
             lora_slots=(cfg.max_active_adapters, cfg.max_lora_rank),
             weights=weights,
             hf_config=self._hf_config,
-            kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows),
+            kernels=KernelOptions(cfg.lora_backend, cfg.cpu_packed_linear, cfg.cpu_lora_rows, cfg.cpu_lora_merge),
         )
         if self.device.type == "cpu" and self.calibration is not None:
             model.set_cost_figures(self.calibration.figures)
@@ -158,7 +158,7 @@ class DeviceModel:
             if lin.slots is not None:  # the CPU LoRA path's copies of the active slots (kernels/cpu_lora.py)
                 fused = lin.slots.fused
                 if fused is not None:
-                    tensors += [fused.packed, fused.bias]
+                    tensors += [fused.packed, getattr(fused, "bias", None)]  # FusedPacked or MergedPacked
                 for stack in list(lin.slots.stack_cache.values()):  # list(): one atomic read of the dict
                     tensors += [stack.a, stack.bt]
         tensors += [t for kv in runner.kv_caches for t in kv]

@@ -7,6 +7,8 @@ Layouts: lora_slots.py. Each strategy below computes that same sum exactly; cpu_
 cheapest per step and shape:
     fused-single  one adapter covers the whole step: x @ [W; A rows]^T in one matmul, then the expand
                   (W not packed: float32)
+    merged        every token of the step uses one adapter: x @ (W + B A)^T through a oneDNN-packed merged
+                  copy made once that adapter has held FUSE_AFTER_STEPS steps: no LoRA call at all
     fused-packed  the shrink rides in the packed base matmul: x @ [W; A_stack]^T through a oneDNN-packed
                   copy made for the step's active set once it has held FUSE_AFTER_STEPS steps (steady
                   decode), then the mask of a mixed step and one expand: one small call per linear
@@ -28,13 +30,20 @@ A LoraSlots keeps the copies of its latest active sets (stack_cache, keyed by th
 versions): in steady decode, with the same adapters step after step, no copy is made at all. An adapter
 that does not target this linear (true rank 0 in every slice) costs nothing here.
 
-The fused packed copy (FusedPacked, 16-bit CPU with packed base weights and a cost model): W with the
-stacked A rows of one active set under it, packed once; LoraSlots.fused keeps one (memory: one more copy
-of the linear's packed weights while it lives). It is made when the same active set (same slots, same
-write versions) has served FUSE_AFTER_STEPS steps in a row, the cost model prices it below the plan it
-replaces, and those steps' savings would have repaid the time the linear's previous copy took to make
-(so sets that change every few steps do not repack all the time); a slot rewrite or a new pack of W
-(LoraLinear.pack) retires it.
+The per-set copies (16-bit CPU with packed base weights and a cost model); LoraSlots.fused keeps one
+of them (memory: one more copy of the linear's packed weights while it lives):
+- MergedPacked, for a set of one adapter whose steps hold only its tokens (a tenant that has the server to
+  itself, steady decode or prefill): W + B A (per slice, summed in float32, rounded once to W's dtype),
+  packed. A step then costs what a base-only step costs. The adapter's delta is then rounded into the
+  weights (as PEFT's merge_and_unload does): within bf16 rounding of the unmerged sum, not bit-equal to it.
+  A step of the same set with other tokens (base-only rows) does not use it.
+- FusedPacked, for sets of up to FUSE_MAX_ADAPTERS adapters: W with the stacked A rows under it, packed.
+Either is made when the same active set (same slots, same write versions) has served FUSE_AFTER_STEPS
+steps in a row, the cost model prices it below the plan it replaces, and those steps' savings would have
+repaid the time the linear's previous copy took to make (so sets that change every few steps do not
+repack all the time); at most COPY_STEP_SECONDS of copies are made per step (the linears of later layers
+wait for the next steps, so one step's latency does not take the whole model's copies); a slot rewrite or
+a new pack of W (LoraLinear.pack) retires it.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from .lora_slots import LoraSlots, RowTables
 from .meta import LoraMeta
 
 FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
+COPY_STEP_SECONDS = 0.01  # per step at most this much time goes into making fused / merged copies (the rest wait for the next steps)
 STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
@@ -143,6 +153,13 @@ class FusedPacked(NamedTuple):
     stack: StackedAB
 
 
+class MergedPacked(NamedTuple):
+    """pack_weight(W + B A) for a set of one adapter (see the module docstring)."""
+
+    key: tuple  # _cache_key of the set it was made for: ((slot,), (version,))
+    packed: torch.Tensor  # [out_total, in]
+
+
 def _cache_key(slots: LoraSlots, active: Active) -> tuple:
     return (active.slots, tuple(slots.versions[s] for s in active.slots))
 
@@ -181,23 +198,38 @@ def lora_linear_cpu(
     fig = figures if figures is not None else slots.figures
     key = _cache_key(slots, active)
     ks = active.ks(meta)
+    single = meta.is_single_full and len(active.slots) == 1
     if plan is None:
+        copy = slots.fused if slots.fused is not None and slots.fused.key == key else None
+        if single and isinstance(copy, MergedPacked):
+            return packed_linear(x, copy.packed, bias)
         cached = key in slots.stack_cache
-        fused = slots.fused is not None and slots.fused.key == key
+        fused = isinstance(copy, FusedPacked)
         # fused-single gives up the packed base matmul, which costs more than it saves: only unpacked W;
         # packed W fuses through the fused packed copy (fused-packed)
         plan = choose_plan(
             x.shape[0], shape, meta, ks, cached, slots.rows is not None, can_fuse=packed is None,
             fused_packed=fused, fig=fig,
         )  # fmt: skip
-        can_make = not fused and packed is not None and fig is not None and len(active.slots) <= FUSE_MAX_ADAPTERS
+        # a set's copy is never replaced by another copy of the same set (steps with and without base-only
+        # rows would trade a merged and a fused copy back and forth)
+        merge = single and slots.merge
+        can_make = copy is None and packed is not None and fig is not None and (merge or len(active.slots) <= FUSE_MAX_ADAPTERS)
         held = _steps_held(slots, key, meta) if can_make else 0
-        if held >= FUSE_AFTER_STEPS:
+        if held >= FUSE_AFTER_STEPS and fig is not None and meta.cache.get("copy-seconds", 0.0) < COPY_STEP_SECONDS:
             now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
-            saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)  # per step like this one
+            # per step like this one; merged costs nothing beyond the base matmul
+            saving = now if merge else now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)
             # worth it when the steps the set has held would have repaid the last copy this linear made
-            if saving > 0 and held * saving >= slots.fuse_seconds and make_fused(slots, weight, bias, key, active):
-                plan = "fused-packed"
+            if saving > 0 and held * saving >= slots.fuse_seconds:
+                if merge:
+                    make_merged(slots, weight, key, active, meta)
+                    return packed_linear(x, slots.fused.packed, bias)
+                if make_fused(slots, weight, bias, key, active, meta):
+                    plan = "fused-packed"
+    if plan == "merged":
+        assert single and isinstance(slots.fused, MergedPacked) and slots.fused.key == key, "merged needs the merged copy of this adapter"
+        return packed_linear(x, slots.fused.packed, bias)
     if plan == "fused-packed":
         return fused_packed(x, slots, key, meta)
     if plan == "fused-single":
@@ -327,7 +359,9 @@ def _steps_held(slots: LoraSlots, key: tuple, meta: LoraMeta) -> int:
     return slots.steady[1] if slots.steady[0] == key else 0
 
 
-def make_fused(slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple, active: Active) -> bool:
+def make_fused(
+    slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple, active: Active, meta: LoraMeta | None = None
+) -> bool:
     """Make (and keep on slots.fused, replacing the previous one) the fused packed copy of this active
     set; the seconds it took go to slots.fuse_seconds (what the next copy must repay). False where
     packing does not apply to its shape (then this set is not tried again)."""
@@ -340,8 +374,34 @@ def make_fused(slots: LoraSlots, weight: torch.Tensor, bias: torch.Tensor | None
         return False
     bias_ext = None if bias is None else torch.cat([bias, bias.new_zeros(stack.a.shape[0])])
     slots.fused = FusedPacked(key, packed, bias_ext, stack)
-    slots.fuse_seconds = time.perf_counter() - start
+    _spent(slots, start, meta)
     return True
+
+
+def make_merged(slots: LoraSlots, weight: torch.Tensor, key: tuple, active: Active, meta: LoraMeta | None = None) -> None:
+    """Make (and keep on slots.fused, replacing the previous copy) the merged copy of a set of one adapter:
+    W + B A per slice at the slot's true ranks, summed in float32 and rounded once, then packed (16-bit
+    CPU: the caller checked that W packs). The seconds it took go to slots.fuse_seconds."""
+    start = time.perf_counter()
+    slots.fused = None  # the old copy goes before the new one is made
+    (slot,), (ranks,) = active.slots, active.ranks
+    merged = weight.float()  # [out_total, in]
+    for i, r in enumerate(ranks):
+        if r:
+            c0, c1 = slots.slice_offsets[i], slots.slice_offsets[i + 1]
+            merged[c0:c1].addmm_(slots.lora_b[slot, c0:c1, :r].float(), slots.lora_a[slot, i, :r].float())
+    packed = pack_weight(merged.to(weight.dtype))
+    assert packed is not None, "merged copies are made only where W packs"
+    slots.fused = MergedPacked(key, packed)
+    _spent(slots, start, meta)
+
+
+def _spent(slots: LoraSlots, start: float, meta: LoraMeta | None) -> None:
+    """Book the seconds since `start` as this linear's last copy time and against the step's copy budget."""
+    seconds = time.perf_counter() - start
+    slots.fuse_seconds = seconds
+    if meta is not None:
+        meta.cache["copy-seconds"] = meta.cache.get("copy-seconds", 0.0) + seconds
 
 
 def fused_packed(

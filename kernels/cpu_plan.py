@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 from .meta import LoraMeta
 
 DeltaStrategy = Literal["grouped", "stacked", "split", "rows"]
-Plan = Literal["fused-single", "fused-packed", "grouped", "stacked", "split", "rows"]
+Plan = Literal["merged", "fused-single", "fused-packed", "grouped", "stacked", "split", "rows"]
 SPLIT_MIN_TOKENS = 8  # without figures, "split" gives adapters with at least this many tokens their own pair
 SAFE_DEFAULT: DeltaStrategy = "grouped"  # the plan without figures: exact for every step, never far off
 # fused-packed serves active sets of at most this many adapters: every token times every adapter's columns
@@ -180,6 +180,8 @@ def plan_cost(
     fig: CostFigures,
 ) -> float:
     """Estimated extra seconds of `plan` over the base matmul alone."""
+    if plan == "merged":  # the merged copy is the base matmul
+        return 0.0
     if plan == "fused-single":
         return fused_single_cost(num_tokens, shape, meta, fig)
     if plan == "fused-packed":

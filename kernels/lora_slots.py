@@ -102,11 +102,13 @@ class LoraSlots:
         self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
-        # CPU fused-packed plan (cpu_lora.py): the one packed [W; A_stack] copy (a FusedPacked) and the
-        # (active set, steps in a row) count that decides when to make one
+        # CPU merged / fused-packed plans (cpu_lora.py): the one packed copy of an active set (a MergedPacked
+        # W + B A, or a FusedPacked [W; A_stack]) and the (active set, steps in a row) count that decides
+        # when to make one
         self.fused: Any = None
         self.steady: tuple[tuple | None, int] = (None, 0)
-        self.fuse_seconds = 0.0  # how long the last fused copy took to make
+        self.fuse_seconds = 0.0  # how long the last such copy took to make
+        self.merge = True  # whether the merged plan may serve (Config.cpu_lora_merge)
         # The CPU cost model's per-machine figures (cpu_calibrate.py); the model sets them after start-up
         # calibration. None: the CPU path uses "grouped" (exact for every step) without a cost model.
         self.figures: CostFigures | None = None
@@ -152,7 +154,7 @@ class LoraSlots:
                 self.lora_b[slot, c0:c1, r:].zero_()
             self.slice_ranks[slot][i] = r
         self.versions[slot] += 1
-        if self.fused is not None and slot in self.fused.stack.slots:  # stale now: free its memory at once
+        if self.fused is not None and slot in self.fused.key[0]:  # stale now: free its memory at once
             self.fused = None
         if self.rows is not None:
             self._copy_slot_to_rows(slot)
@@ -305,7 +307,7 @@ class LoraSlotStack:
         for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
             view.versions[slot] += 1
-            if view.fused is not None and slot in view.fused.stack.slots:  # stale now: free its memory at once
+            if view.fused is not None and slot in view.fused.key[0]:  # stale now: free its memory at once
                 view.fused = None
 
     def tensors(self) -> list[torch.Tensor]:

@@ -48,6 +48,7 @@ ENV_VALUES = {
     "lora_backend": ("torch", "torch"),
     "cpu_packed_linear": ("0", False),
     "cpu_lora_rows": ("false", False),
+    "cpu_lora_merge": ("off", False),
     "cpu_calibration": ("off", "off"),
     "host": ("0.0.0.0", "0.0.0.0"),
     "port": ("9001", 9001),

@@ -389,7 +389,7 @@ def _assert_bf16_close(y, expected) -> None:
     assert err <= 0.03 * expected.abs().max().item(), err
 
 
-@pytest.mark.parametrize("token_slot", [[1] * 9, [0, 1, -1, 1, 0, 1, 0, 0, -1]], ids=["single", "mixed"])
+@pytest.mark.parametrize("token_slot", [[1, 1, -1, 1, 1, 1, -1, 1, 1], [0, 1, -1, 1, 0, 1, 0, 0, -1]], ids=["one-and-base", "mixed"])
 def test_fused_packed_is_made_for_a_steady_active_set_and_follows_rewrites(token_slot):
     """16-bit CPU, packed W: after FUSE_AFTER_STEPS steps with one active set the cost model's plan is
     fused-packed (the shrink rides in the packed base matmul); every step, before and after, equals the
@@ -427,6 +427,60 @@ def test_fused_packed_is_made_for_a_steady_active_set_and_follows_rewrites(token
     slots.fuse_seconds = 0.0  # a cheap one is
     step(token_slot)
     assert slots.fused is not None and slots.fused.key[0] == made.key[0] and slots.fused.key != made.key
+
+
+def test_merged_copy_serves_steps_of_one_adapter_and_follows_rewrites():
+    """Steps whose every token uses one adapter: after FUSE_AFTER_STEPS steps a merged copy (W + B A,
+    packed) serves them with no LoRA call; every step equals the loop (within bf16 rounding); a step of
+    the same adapter next to base-only rows is not served by it (those rows would get the adapter: the
+    loop would catch it); a rewrite of the slot retires it and the next steps serve the new weights."""
+    from loraplex.kernels.cpu_lora import FUSE_AFTER_STEPS, MergedPacked
+
+    slots, w, bias, packed, a, b, offsets, ranks, g = _bf16_slots_case(seed=7)
+    x = torch.randn(9, w.shape[1], generator=g).to(torch.bfloat16)
+    base = x.double() @ w.double().T + bias.double()
+
+    def step(ts):
+        meta = build_lora_meta(ts, ranks)
+        y = lora_linear_cpu(x[: len(ts)], w, bias, packed, slots, meta)
+        _assert_bf16_close(y, _expected(x[: len(ts)].double(), base[: len(ts)], a, b, offsets, ts))
+        return meta
+
+    for s in (1, 2):  # slot 2 targets only the k slice: the other slices merge nothing
+        slots.fuse_seconds = 0.0  # the repay rule (tested with fused-packed) is not what this test is about
+        for i in range(FUSE_AFTER_STEPS + 1):
+            step([s] * 9)
+            mine = isinstance(slots.fused, MergedPacked) and slots.fused.key[0] == (s,)
+            assert mine == (i >= FUSE_AFTER_STEPS - 1)
+        made = slots.fused
+        meta = step([s] * 9)
+        assert slots.fused is made and not any(k[0] == "plan" for k in meta.cache)  # no plan: the merged copy
+        meta = step([s, -1, s, s, -1, s, s, s, s])  # same set, with base-only rows
+        assert slots.fused is made and any(k[0] == "plan" for k in meta.cache)
+    write_adapter_bf16(slots, a, b, 2, 4, offsets, g)  # rank 4 <= the meta's 5, every slice now
+    assert slots.fused is None  # stale: dropped with the write
+    slots.fuse_seconds = 0.0
+    for _ in range(FUSE_AFTER_STEPS + 1):
+        step([2] * 9)
+    assert isinstance(slots.fused, MergedPacked) and slots.fused.key != made.key
+
+
+def test_copies_made_per_step_stay_within_the_step_budget(monkeypatch):
+    """At most COPY_STEP_SECONDS of merged / fused copies per step: the linears that come after the budget
+    is spent make theirs in the next steps (one step's latency does not carry the whole model's copies)."""
+    monkeypatch.setattr("loraplex.kernels.cpu_lora.COPY_STEP_SECONDS", 1e-12)  # one copy per step
+    from loraplex.kernels.cpu_lora import FUSE_AFTER_STEPS
+
+    linears = [_bf16_slots_case(seed=7) for _ in range(3)]
+    x = torch.randn(9, linears[0][1].shape[1]).to(torch.bfloat16)
+    ranks = linears[0][7]
+    made = []
+    for _ in range(FUSE_AFTER_STEPS + 3):
+        meta = build_lora_meta([1] * 9, ranks)  # one step: every linear sees the same meta
+        for slots, w, bias, packed, *_ in linears:
+            lora_linear_cpu(x, w, bias, packed, slots, meta)
+        made.append(sum(lin[0].fused is not None for lin in linears))
+    assert made[FUSE_AFTER_STEPS - 1 :] == [1, 2, 3, 3]
 
 
 def test_fused_packed_priced_against_the_separate_plans():

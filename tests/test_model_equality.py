@@ -103,8 +103,13 @@ def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
     default); the plain path (packing and row tables off: F.linear and the matmul LoRA strategies) is the
     yardstick. Against the float32 engine, the default path's logits are as close as the plain path's
     (within bf16 rounding: different summation orders round differently, neither is exact), in base-only,
-    one-adapter and many-adapter steps. The fused packed copy (fused-packed plan) is made from the first
-    step of an active set here (FUSE_AFTER_STEPS = 1), so the one-adapter steps run through it."""
+    one-adapter and many-adapter steps. The per-set copies are made from the first step of an active set
+    here (FUSE_AFTER_STEPS = 1): steps of one adapter alone run through its merged copy (W + B A packed),
+    which rounds every merged weight to bf16 once more (as PEFT's merge_and_unload in bf16 does; these test
+    adapters' B is scaled up, so B A is as large as W): within 3x the plain path's error; an adapter next
+    to base-only rows runs through the fused packed copy."""
+    from loraplex.kernels.cpu_lora import FusedPacked, MergedPacked
+
     monkeypatch.setattr("loraplex.kernels.cpu_lora.FUSE_AFTER_STEPS", 1)
     arch, base, adapters = arch_setup
     names = list(adapters)
@@ -122,7 +127,10 @@ def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
     assert plain.model.layers[0].qkv.packed is None and plain.model.layers[0].qkv.lora_at is None
     assert default.model.layers[0].qkv.lora_at is not None
     prompts = _prompts(384)[:4]
-    for which in ([None] * 4, [names[2]] * 4, [names[0], None, names[2], names[4]]):
+    single, with_base = [names[2]] * 4, [names[1], None, names[1], None]
+    for which in ([None] * 4, single, with_base, [names[0], None, names[2], names[4]]):
+        for lin in default.model.lora_linears():  # the repay rule (test_lora_reference.py) would hold back a second copy
+            lin.slots.fuse_seconds = 0.0
         logits = []
         for engine in (exact, default, plain):
             step = []
@@ -132,7 +140,11 @@ def test_bfloat16_cpu_paths_agree(arch_setup, monkeypatch):
             logits.append(engine.runner.run(step))
         scale = logits[0].abs().max()
         err_default, err_plain = ((lg - logits[0]).abs().max() / scale for lg in logits[1:])
-        if which == [names[2]] * 4:
-            assert any(lin.slots.fused is not None for lin in default.model.lora_linears()), "fused-packed never made"
+        copies = {type(lin.slots.fused) for lin in default.model.lora_linears()}
+        if which in (single, with_base):
+            assert (MergedPacked if which == single else FusedPacked) in copies, f"{which}: {copies}"
         assert err_plain < 0.1, f"{arch} {which}: bf16 itself is off ({err_plain:.3f})"
+        if which == single:
+            assert err_default <= 3 * max(err_plain, 0.01), f"{arch} {which}: {err_default:.4f} vs {err_plain:.4f}"
+            continue
         assert err_default <= 1.5 * max(err_plain, 0.01), f"{arch} {which}: {err_default:.4f} vs {err_plain:.4f}"
