@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import jsonschema
 import pytest
@@ -299,6 +300,14 @@ def test_compile_over_the_time_limit_fails_only_its_request(world):
     """With a limit no compile can meet, a new schema fails fast with its own error while a free request
     is served; the compile finishes in the background, so the same schema then runs from the cache."""
     engine = AsyncEngine(_engine(world, structured_output_compile_timeout=1e-6))
+    grammars = engine.engine.grammars
+    real_compile = grammars._compile_uncached
+
+    def slow_compile(spec):  # the real compile, after a pause: a fast one could finish before the wait starts
+        time.sleep(0.3)
+        return real_compile(spec)
+
+    grammars._compile_uncached = slow_compile
     engine.start()
     schema = {"type": "object", "properties": {"slow": {"type": "integer"}}, "required": ["slow"]}
     spec = StructuredOutput.json_schema(schema, "response_format.json_schema.schema")
