@@ -194,15 +194,15 @@ def lora_linear_cpu(
     active = active_here(meta, slots.slice_ranks, num_slices, r_max)
     if not active.slots:  # no adapter of the step targets this linear
         return base_linear(x, weight, bias, packed)
+    key = _cache_key(slots, active)
+    single = meta.is_single_full and len(active.slots) == 1
+    copy = slots.fused if slots.fused is not None and slots.fused.key == key else None
+    if plan is None and single and isinstance(copy, MergedPacked):  # first: this path is the base matmul's cost
+        return packed_linear(x, copy.packed, bias)
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
-    key = _cache_key(slots, active)
     ks = active.ks(meta)
-    single = meta.is_single_full and len(active.slots) == 1
     if plan is None:
-        copy = slots.fused if slots.fused is not None and slots.fused.key == key else None
-        if single and isinstance(copy, MergedPacked):
-            return packed_linear(x, copy.packed, bias)
         cached = key in slots.stack_cache
         fused = isinstance(copy, FusedPacked)
         # fused-single gives up the packed base matmul, which costs more than it saves: only unpacked W;
