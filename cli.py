@@ -158,7 +158,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if shape is not None and lin.slots is not None:
             linears.setdefault(shape, (shape, lin.slots.rows is not None, lin.packed is None))
     print("\nplans (estimated us of the LoRA work beyond the base matmul):")
-    print(plan_table(calibration.figures, list(linears.values())))
+    print(plan_table(calibration.figures, list(linears.values()), config.cpu_lora_merge))
     return 0
 
 
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plans they choose for representative steps",
     )
     add_settings(
-        c, Config, only=("model", "dtype", "cache_dir", "max_lora_rank", "max_active_adapters", "cpu_packed_linear", "cpu_lora_rows")
+        c, Config, only=("model", "dtype", "cache_dir", "max_lora_rank", "max_active_adapters", "cpu_packed_linear", "cpu_lora_rows", "cpu_lora_merge")
     )
     c.add_argument(
         "--no-cache", action="store_true", help="measure anew; neither read nor write <cache dir>/cpu_calibration.json"

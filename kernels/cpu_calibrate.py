@@ -519,7 +519,7 @@ REPRESENTATIVE_STEPS = [
     ("mixed", 64, 7),
     ("mixed", 256, 7),
 ]
-PLAN_COLUMNS = ("grouped", "stacked", "split", "rows", "fused-single", "fused-packed")
+PLAN_COLUMNS = ("grouped", "stacked", "split", "rows", "fused-single", "fused-packed", "merged")
 TABLE_RANK = 16  # the adapters of the table: this rank (at most r_max) on every slice
 
 
@@ -537,11 +537,19 @@ def step_meta(kind: str, tokens: int, adapters: int, r_max: int) -> LoraMeta:
 
 
 def plan_estimates(
-    fig: CostFigures, shape: LinearShape, kind: str, tokens: int, adapters: int, has_rows: bool, can_fuse: bool
+    fig: CostFigures,
+    shape: LinearShape,
+    kind: str,
+    tokens: int,
+    adapters: int,
+    has_rows: bool,
+    can_fuse: bool,
+    merge: bool = True,
 ) -> tuple[str, dict[str, float]]:
     """(the plan choose_plan picks, estimated seconds of each plan that applies) for one step of adapters
     of rank TABLE_RANK on every slice; decodes with their stacked copy (and, packed W, their fused packed
-    copy) made already (steady decode), prefills without."""
+    copy, or with one adapter and `merge` (Config.cpu_lora_merge) its merged copy) made already (steady
+    decode), prefills without."""
     meta = step_meta(kind, tokens, adapters, shape.r_max)
     ks = (shape.num_slices * min(TABLE_RANK, shape.r_max),) * adapters
     cached = kind == "decode"
@@ -551,10 +559,14 @@ def plan_estimates(
         costs["fused-single"] = fused_single_cost(tokens, shape, meta, fig)
     if fused:
         costs["fused-packed"] = fused_packed_cost(tokens, shape, meta, ks, fig)
-    return choose_plan(tokens, shape, meta, ks, cached, has_rows, can_fuse, fig, fused_packed=fused), costs
+    plan = choose_plan(tokens, shape, meta, ks, cached, has_rows, can_fuse, fig, fused_packed=fused)
+    if fused and merge and adapters == 1 and meta.is_single_full:  # lora_linear_cpu serves it from the merged copy
+        costs["merged"] = 0.0
+        plan = "merged"
+    return plan, costs
 
 
-def plan_table(fig: CostFigures, linears: Sequence[tuple[LinearShape, bool, bool]]) -> str:
+def plan_table(fig: CostFigures, linears: Sequence[tuple[LinearShape, bool, bool]], merge: bool = True) -> str:
     """A table of the plan chosen per linear (shape, has_rows, can_fuse) and representative step, with
     the estimated us of each plan (LoRA work beyond the base matmul; '-' where a plan does not apply)."""
     head = "| linear (out x slices, r_max, in) | step | plan | " + " | ".join(f"{c} us" for c in PLAN_COLUMNS) + " |"
@@ -562,7 +574,7 @@ def plan_table(fig: CostFigures, linears: Sequence[tuple[LinearShape, bool, bool
     for shape, has_rows, can_fuse in linears:
         name = f"{shape.out_total} x {shape.num_slices}, {shape.r_max}, {shape.in_features}"
         for kind, tokens, adapters in REPRESENTATIVE_STEPS:
-            plan, costs = plan_estimates(fig, shape, kind, tokens, adapters, has_rows, can_fuse)
+            plan, costs = plan_estimates(fig, shape, kind, tokens, adapters, has_rows, can_fuse, merge)
             cells = " | ".join(f"{costs[c] * 1e6:.1f}" if c in costs else "-" for c in PLAN_COLUMNS)
             lines.append(f"| {name} | {kind} {tokens} tok, {adapters} adapter(s) | {plan} | {cells} |")
     return "\n".join(lines)

@@ -54,13 +54,15 @@ class FakeClock:
         return self.now
 
 
-def _valid_plans(meta, has_rows: bool, can_fuse: bool, fused_packed: bool = False) -> set[str]:
+def _valid_plans(meta, has_rows: bool, can_fuse: bool, fused_packed: bool = False, merged: bool = False) -> set[str]:
     """The plans that apply to this step (cpu_plan: grouped and stacked always; split with several
     adapters; rows needs row tables; fused-single one slot over the whole step, W unpacked; fused-packed
-    the fused packed copy of the step's active set made)."""
+    the fused packed copy of the step's active set made; merged its merged copy)."""
     valid = {"grouped", "stacked"}
     if fused_packed:
         valid.add("fused-packed")
+    if merged:
+        valid.add("merged")
     if meta.num_active > 1:
         valid.add("split")
     if has_rows:
@@ -277,14 +279,16 @@ def test_plan_table_costs_every_applicable_plan():
     for kind, tokens, adapters in cc.REPRESENTATIVE_STEPS:
         meta = cc.step_meta(kind, tokens, adapters, 4)
         assert meta.num_tokens == tokens and meta.num_active == adapters
-        for has_rows, can_fuse in ((True, True), (False, False)):
-            plan, costs = plan_estimates(figures, SHAPES[0], kind, tokens, adapters, has_rows, can_fuse)
+        for has_rows, can_fuse, merge in ((True, True, True), (False, False, True), (False, False, False)):
+            plan, costs = plan_estimates(figures, SHAPES[0], kind, tokens, adapters, has_rows, can_fuse, merge)
             # split is costed only where some adapters are worth a pair of their own and some are not
-            # the table's steady decode on packed W, for sets fused-packed serves (as lora_linear_cpu does)
+            # the table's steady decode on packed W, for sets fused-packed serves (as lora_linear_cpu does);
+            # one adapter over the whole decode: its merged copy (no LoRA work) when merging is on
             fused = kind == "decode" and not can_fuse and adapters <= FUSE_MAX_ADAPTERS
-            valid = _valid_plans(meta, has_rows, can_fuse, fused)
+            merged = fused and merge and adapters == 1
+            valid = _valid_plans(meta, has_rows, can_fuse, fused, merged)
             assert set(costs) - {"split"} == valid - {"split"} and plan in costs and set(costs) <= valid
-            assert costs[plan] == min(costs.values())
+            assert costs[plan] == min(costs.values()) and (plan == "merged") == merged
     table = cc.plan_table(figures, [(s, True, True) for s in SHAPES])
     assert len(table.splitlines()) == 2 + len(SHAPES) * len(cc.REPRESENTATIVE_STEPS)
 
