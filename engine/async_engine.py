@@ -104,6 +104,10 @@ class AsyncEngine:
                     except Exception:
                         log.exception("idle offload failed")
                         idle_since = time.monotonic()  # retry after another idle period
+                try:
+                    self.engine.when_idle()
+                except Exception:
+                    log.exception("idle work failed")
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue

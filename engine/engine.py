@@ -348,6 +348,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def when_idle(self) -> bool:
+        """Work for the stepping thread while no request is admitted or waiting: a CPU calibration that
+        failed at start (a busy machine) is measured again (DeviceModel.retry_calibration). True when
+        it did something."""
+        return not self.has_work() and self.device_model.retry_calibration()
+
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns what each touched request produced (finished ones included)."""

@@ -25,6 +25,11 @@ from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+# A start-up calibration that failed (a busy machine) is measured again when the engine is idle, at most
+# this many times, this many seconds apart.
+CALIBRATION_RETRIES = 3
+CALIBRATION_RETRY_SECONDS = 30.0
+
 HostWeights = list[tuple[str, torch.Tensor]]  # (checkpoint name, host tensor), as load_model takes them
 
 
@@ -62,6 +67,8 @@ class DeviceModel:
         # CPU: the LoRA cost model's figures, calibrated once (calibrate(), once start-up's other work is
         # done) and kept across offloads
         self.calibration: Calibration | None = None
+        self.calibration_tries = 0  # measurements made (start-up's and the idle retries')
+        self._calibrated_at = 0.0  # time.monotonic() of the last one
         self._build(None)
 
     def _build(self, weights: HostWeights | None) -> None:
@@ -91,8 +98,26 @@ class DeviceModel:
         model = self.model
         if self.device.type != "cpu" or self.calibration is not None or model is None:
             return
+        self._measure(model)
+
+    def retry_calibration(self) -> bool:
+        """CPU, called by the engine when it is idle: when start-up's calibration failed (figures measured
+        on a machine too busy to be believable: every step would run without a cost model for the
+        server's life), measure again, at most CALIBRATION_RETRIES times, CALIBRATION_RETRY_SECONDS
+        apart. Runs on the stepping thread (one OpenMP team), between steps. True when it measured."""
+        model, cal = self.model, self.calibration
+        if model is None or cal is None or cal.figures is not None or self._config.cpu_calibration != "auto":
+            return False
+        if self.calibration_tries > CALIBRATION_RETRIES or time.monotonic() - self._calibrated_at < CALIBRATION_RETRY_SECONDS:
+            return False
+        self._measure(model)
+        return True
+
+    def _measure(self, model: CausalLM) -> None:
         cfg = self._config
         self.calibration = calibrate_cpu_model(model, cfg.cpu_calibration, cfg.cache_dir)
+        self.calibration_tries += 1
+        self._calibrated_at = time.monotonic()
         log.info("CPU LoRA planner: %s", self.calibration.describe())
         model.set_cost_figures(self.calibration.figures)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -364,6 +365,47 @@ def test_engine_serves_without_figures_when_calibration_fails_or_is_off(world, t
     assert all(lin.slots.figures is None for lin in failed.model.lora_linears())
     assert any("embedding_bag is not available" in r.getMessage() and "grouped" in r.getMessage() for r in caplog.records)
     assert _serve(failed) == _serve(off)
+
+
+def test_a_failed_start_calibration_is_measured_again_when_the_engine_is_idle(world, tmp_path, monkeypatch):
+    """Figures that failed at start (e.g. a machine too busy to time believably) are measured again by the
+    stepping thread while no request waits (AsyncEngine's idle loop), a limited number of times, spaced
+    out; once measured, the model's linears get them; with calibration off nothing is retried."""
+    from loraplex.engine import offload
+    from loraplex.engine.async_engine import AsyncEngine
+
+    def broken(p):
+        raise RuntimeError("busy machine")
+
+    real = cc.MEASURES["row_bytes_per_second"]
+    monkeypatch.setitem(cc.MEASURES, "row_bytes_per_second", broken)
+    monkeypatch.setattr(cc, "DEFAULT_CLOCK", FakeClock(step=40e-6))  # plausible figures on any machine
+    engine = _engine(world, tmp_path, "auto")
+    dm = engine.device_model
+    assert dm.calibration.figures is None and dm.calibration_tries == 1
+    assert not engine.when_idle()  # too soon after the last try
+    monkeypatch.setitem(cc.MEASURES, "row_bytes_per_second", real)  # the machine calmed down
+    monkeypatch.setattr(offload, "CALIBRATION_RETRY_SECONDS", 0.0)
+    aengine = AsyncEngine(engine)
+    aengine.start()  # its idle loop retries
+    try:
+        for _ in range(200):
+            if dm.calibration.figures is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        aengine.stop()
+    figures = dm.calibration.figures
+    assert figures is not None and dm.calibration_tries == 2
+    assert all(lin.slots.figures is figures for lin in engine.model.lora_linears())
+    assert not engine.when_idle()  # measured: nothing more to do
+    monkeypatch.setitem(cc.MEASURES, "row_bytes_per_second", broken)
+    failing = _engine(world, tmp_path / "b", "auto")
+    for _ in range(offload.CALIBRATION_RETRIES + 3):
+        failing.when_idle()
+    assert failing.device_model.calibration_tries == 1 + offload.CALIBRATION_RETRIES  # start, then the retries
+    off = _engine(world, tmp_path / "c", "off")
+    assert not off.when_idle() and off.device_model.calibration_tries == 1
 
 
 def test_calibrate_command_prints_figures_and_plans(world, tmp_path, monkeypatch, capsys):
