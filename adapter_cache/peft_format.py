@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterFormatError, AdapterShapeError, UnsupportedAdapterError
-from ..safetensors_view import parse_header, tensor_view
+from ..safetensors_view import flat_views, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -185,45 +186,81 @@ def _read_buffer(size: int) -> memoryview:
     return memoryview(buf)[:size]
 
 
-def _read_tensors(name: str, weights_path: Path) -> tuple[memoryview, dict[str, torch.Tensor]]:
-    """The file's bytes, read once (into _read_buffer: use them before this thread reads the next file),
-    and tensor name -> a view of them."""
+# tensor name -> (its elements, a 1-D view of the file's bytes; its shape)
+FlatTensors = dict[str, tuple[torch.Tensor, tuple[int, ...]]]
+# The file is read in pieces of this size, each handed to the digest thread as soon as it is in.
+READ_CHUNK_BYTES = 2**20
+
+
+class _Digest:
+    """sha256 over (length, bytes) of each part, computed by a thread (hashlib releases the GIL on large
+    data) from pieces fed as they are read: it runs alongside the read and the host copy and is done
+    about when they are, instead of adding its time after the read. result() waits for it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pieces: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="adapter-digest", daemon=True)
+        self._thread.start()
+        self._hex: str | None = None
+
+    def _run(self) -> None:
+        while (data := self._pieces.get()) is not None:
+            self._hash.update(data)
+
+    def part(self, size: int) -> None:
+        """A part of `size` bytes starts; its bytes follow by feed()."""
+        self._pieces.put(size.to_bytes(8, "little"))
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Bytes of the current part; nothing may write them until result() returned."""
+        self._pieces.put(data)
+
+    def result(self) -> str:
+        """Ends the feed, waits for the thread; the hex digest."""
+        if self._hex is None:
+            self._pieces.put(None)
+            self._thread.join()
+            self._hex = self._hash.hexdigest()
+        return self._hex
+
+
+def _read_tensors(name: str, weights_path: Path, digest: _Digest) -> tuple[memoryview, FlatTensors]:
+    """The file's bytes, read once (into _read_buffer: use them before this thread reads the next file)
+    and fed to `digest` piece by piece, and tensor name -> (a 1-D view of them, shape)."""
     try:
-        with weights_path.open("rb") as f:
+        with weights_path.open("rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             buf = _read_buffer(size)  # writable: torch.frombuffer views it without a copy
-            if f.readinto(buf) != size:
-                raise OSError("the file changed while it was read")
+            digest.part(size)
+            done = 0
+            while done < size:
+                n = f.readinto(buf[done : done + READ_CHUNK_BYTES])
+                if not n:
+                    raise OSError("the file changed while it was read")
+                digest.feed(buf[done : done + n])
+                done += n
         header, data_start = parse_header(buf)
-        return buf, {key: tensor_view(buf, info, data_start, size) for key, info in header.items()}
+        return buf, flat_views(buf, header, data_start, size)
     except (OSError, ValueError) as exc:
         raise AdapterFormatError(name, f"cannot read {WEIGHTS_FILE}: {exc}") from exc
 
 
-def _digest_in_background(parts: list[bytes | memoryview]) -> Callable[[], str]:
-    """sha256 over (length, bytes) of each part, computed by a thread (hashlib releases the GIL on large
-    data) while the caller casts the tensors; the returned function waits for it and gives the hex."""
-    digest = hashlib.sha256()
+def _scales(cfg: dict) -> Callable[[int, str, int], float]:
+    """(layer, module, rank) -> the PEFT scale: lora_alpha (or its alpha_pattern value for that module
+    path) / r, or / sqrt(r) with use_rslora."""
+    default = float(cfg.get("lora_alpha", 8))
+    patterns = cfg.get("alpha_pattern", {})
+    rslora = cfg.get("use_rslora", False)
 
-    def run() -> None:
-        for data in parts:
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
+    def scale(layer: int, module: str, r: int) -> float:
+        alpha = default
+        if patterns:
+            group = "mlp" if module.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            alpha = float(_pattern_value(patterns, f"model.layers.{layer}.{group}.{module}", default))
+        return alpha / math.sqrt(r) if rslora else alpha / r
 
-    thread = threading.Thread(target=run, name="adapter-digest", daemon=True)
-    thread.start()
-
-    def result() -> str:
-        thread.join()
-        return digest.hexdigest()
-
-    return result
-
-
-def _scale_of(cfg: dict, layer: int, module: str, r: int) -> float:
-    module_key = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
-    alpha = float(_pattern_value(cfg.get("alpha_pattern", {}), module_key, float(cfg.get("lora_alpha", 8))))
-    return alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
+    return scale
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -234,28 +271,44 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _stack_module(
-    pairs: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
-    num_layers: int,
-    in_f: int,
-    out_f: int,
-    dtype: torch.dtype,
-    pin_memory: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One module's host copy from its layers' (A [r, in], B [out, r], scale): A [num_layers, r_m, in] and
-    B [num_layers, out, r_m] (B * scale), each tensor cast, scaled and placed by one op. The rounding is
-    the per-tensor a.to(dtype) / (b.float() * scale).to(dtype)."""
-    r_m = max(a.shape[0] for a, _, _ in pairs.values())
-    full = len(pairs) == num_layers and all(a.shape[0] == r_m for a, _, _ in pairs.values())
-    alloc = torch.empty if full else torch.zeros  # padding (lower ranks, untargeted layers) must be zero
-    a_all = alloc((num_layers, r_m, in_f), dtype=dtype, pin_memory=pin_memory)
-    b_all = alloc((num_layers, out_f, r_m), dtype=dtype, pin_memory=pin_memory)
-    for layer, (a, b, scale) in pairs.items():
-        r = a.shape[0]
-        a_all[layer, :r].copy_(a)
-        # Same dtype or float32 in: computed in float32 (opmath), rounded once into B. Other dtypes go
-        # through float32 first, as before.
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor, int, float]],
+    a_all: torch.Tensor,  # [num_layers, r_m, in]
+    b_all: torch.Tensor,  # [num_layers, out, r_m]
+    full: bool,
+) -> None:
+    """Fill one module's host copy from its layers' (A, B as 1-D views of A [r, in] and B [out, r], r,
+    scale): A and B * scale, cast to the buffers' dtype. Unless `full` (every layer at rank r_m), the
+    buffers must be zero: padding stays so. The rounding is the per-tensor a.to(dtype) / (b.float() *
+    scale).to(dtype): same dtype or float32 in, B is computed in float32 (opmath) and rounded once;
+    other dtypes go through float32 first.
+
+    The usual adapter (every layer, one rank, one dtype) takes one concatenation per buffer, straight
+    into the host layout, and one multiply for the scale of all layers, instead of two ops per layer:
+    a module kind's layers lie at scattered offsets of the file, and a few hundred small torch ops were
+    most of a load's time."""
+    num_layers, out_f, _ = b_all.shape
+    in_f, dtype = a_all.shape[2], a_all.dtype
+    file_dtypes = {t.dtype for a, b, _, _ in pairs.values() for t in (a, b)}
+    if full and len(file_dtypes) == 1:
+        layers = [pairs[layer] for layer in range(num_layers)]
+        scales = [scale for _, _, _, scale in layers]
+        torch.cat([a for a, _, _, _ in layers], out=a_all.view(-1))  # casts like copy_
+        (file_dtype,) = file_dtypes
+        # B in the file's dtype (same as dtype: in place) or float32 (other dtypes go through it)
+        b_in = b_all if file_dtype == dtype else torch.empty(b_all.shape, dtype=file_dtype)
+        torch.cat([b for _, b, _, _ in layers], out=b_in.view(-1))
+        if b_in.dtype not in (dtype, torch.float32):
+            b_in = b_in.float()
+        if all(scale == scales[0] for scale in scales):
+            torch.mul(b_in, scales[0], out=b_all)
+        else:  # alpha_pattern names single layers
+            for layer, scale in enumerate(scales):
+                torch.mul(b_in[layer], scale, out=b_all[layer])
+        return
+    for layer, (a, b, r, scale) in pairs.items():
+        a_all[layer, :r].copy_(a.view(r, in_f))
+        b = b.view(out_f, r)
         torch.mul(b if b.dtype in (dtype, torch.float32) else b.float(), scale, out=b_all[layer, :, :r])
-    return a_all, b_all
 
 
 def _transposed(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
@@ -293,12 +346,14 @@ def load_peft_adapter(
         config_bytes = (path / CONFIG_FILE).read_bytes()
     except OSError as exc:
         raise AdapterFormatError(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
-    buf, raw = _read_tensors(name, weights_path)
-    digest = _digest_in_background([config_bytes, buf])  # nothing writes buf: the views are only read
+    digest = _Digest()
     try:
+        digest.part(len(config_bytes))
+        digest.feed(config_bytes)
+        _, raw = _read_tensors(name, weights_path, digest)  # the views are only read: the digest's bytes
         weights = _host_copy(name, cfg, raw, base, max_rank, dtype, pin_memory, with_rows)
     finally:
-        hexdigest = digest()  # also on errors: buf is reused by this thread's next read
+        hexdigest = digest.result()  # also on errors: the read buffer is reused by this thread's next read
     return LoraAdapter(
         name=name,
         path=path,
@@ -315,7 +370,7 @@ def load_peft_adapter(
 def _host_copy(
     name: str,
     cfg: dict,
-    raw: dict[str, torch.Tensor],
+    raw: FlatTensors,
     base: BaseShapes,
     max_rank: int,
     dtype: torch.dtype,
@@ -323,7 +378,7 @@ def _host_copy(
     with_rows: bool,
 ) -> AdapterWeights:
     """Validate the file's tensors against the base model and build the host copy (see AdapterWeights)."""
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple[int, str], dict[str, tuple[torch.Tensor, tuple[int, ...]]]] = {}
     for key, t in raw.items():
         m = _KEY.match(key)
         if m is None:
@@ -341,32 +396,50 @@ def _host_copy(
     if not pairs:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA tensors")
 
-    # Validate every shape first (cheap), then cast, scale and place each module's tensors.
-    per_module: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    # Validate every shape first (from the header: no tensor op), then cast, scale and place each
+    # module's tensors.
+    per_module: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, int, float]]] = {}
     ranks: dict[tuple[int, str], int] = {}
+    scale_of = _scales(cfg)
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(name, f"layer {layer} {module}: lora_A or lora_B is missing")
-        a, b = ab["A"], ab["B"]
+        (a, a_shape), (b, b_shape) = ab["A"], ab["B"]
         in_f, out_f = base.modules[module]
-        r = a.shape[0] if a.dim() else 0
-        if a.dim() != 2 or b.dim() != 2 or r == 0 or a.shape[1] != in_f or b.shape != (out_f, r):
+        r = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or r == 0 or a_shape[1] != in_f or b_shape != (out_f, r):
             raise AdapterShapeError(
                 name,
-                f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"layer {layer} {module}: lora_A {a_shape} / lora_B {b_shape} do not fit the base "
                 f"model (expected ({r}, {in_f}) and ({out_f}, {r}))",
             )
         if r > max_rank:
             raise AdapterShapeError(name, f"rank {r} is above the configured maximum --max-lora-rank {max_rank}")
-        per_module.setdefault(module, {})[layer] = (a, b, _scale_of(cfg, layer, module, r))
+        per_module.setdefault(module, {})[layer] = (a, b, r, scale_of(layer, module, r))
         ranks[(layer, module)] = r
-    stacked = {
-        module: _stack_module(layers, base.num_layers, *base.modules[module], dtype, pin_memory)
-        for module, layers in per_module.items()
-    }
-    weights = AdapterWeights(stacked, ranks, base.num_layers)
-    # One finite check per buffer (after the cast and the scale: a value they overflow counts too).
-    if not all(_all_finite(t) for ab in stacked.values() for t in ab):
+    # All modules' buffers are views of one allocation, back to back: one allocation, and one finite
+    # check over all of it.
+    num_layers = base.num_layers
+    layout: list[tuple[str, int, bool, tuple[int, ...], tuple[int, ...]]] = []
+    total = 0
+    for module, layers in per_module.items():
+        in_f, out_f = base.modules[module]
+        r_m = max(r for _, _, r, _ in layers.values())
+        full = len(layers) == num_layers and all(r == r_m for _, _, r, _ in layers.values())
+        layout.append((module, total, full, (num_layers, r_m, in_f), (num_layers, out_f, r_m)))
+        total += num_layers * r_m * (in_f + out_f)
+    alloc = torch.empty if all(full for _, _, full, _, _ in layout) else torch.zeros  # padding must be zero
+    host = alloc(total, dtype=dtype, pin_memory=pin_memory)
+    stacked = {}
+    for module, offset, full, a_shape, b_shape in layout:
+        a_numel = math.prod(a_shape)
+        a_all = host[offset : offset + a_numel].view(a_shape)
+        b_all = host[offset + a_numel : offset + a_numel + math.prod(b_shape)].view(b_shape)
+        _stack_module(per_module[module], a_all, b_all, full)
+        stacked[module] = (a_all, b_all)
+    weights = AdapterWeights(stacked, ranks, num_layers)
+    # After the cast and the scale: a value they overflow counts too. Padding is zero (finite).
+    if not _all_finite(host):
         layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     if with_rows:
