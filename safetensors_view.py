@@ -35,12 +35,12 @@ def _entry(info: object, data_start: int, size: int) -> tuple[torch.dtype, list[
     """(dtype, shape, begin, end) of header entry `info`, checked against a buffer of `size` bytes whose
     data section starts at `data_start`. Raises ValueError when the entry is malformed or reaches
     outside the data section."""
-    try:
-        assert isinstance(info, dict)
-        dtype = ST_DTYPES[info["dtype"]]
-        begin, end = (data_start + int(o) for o in info["data_offsets"])
-        shape = [int(d) for d in info["shape"]]
-    except (AssertionError, KeyError, TypeError, ValueError) as exc:
+    try:  # anything but a JSON object with these keys raises one of these (no isinstance: it runs per tensor)
+        dtype = ST_DTYPES[info["dtype"]]  # type: ignore[index]
+        o0, o1 = info["data_offsets"]  # type: ignore[index]
+        begin, end = data_start + int(o0), data_start + int(o1)
+        shape = [int(d) for d in info["shape"]]  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad entry ({exc!r})") from exc
     elem, numel = dtype.itemsize, math.prod(shape)
     if min(shape, default=0) < 0 or begin < data_start or end > size or end - begin != numel * elem:

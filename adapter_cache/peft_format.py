@@ -5,13 +5,16 @@ The result holds, per target module, A [num_layers, r, in] and B [num_layers, ou
 PEFT scale folded into B, cast to the serving dtype): the host-tier copy, laid out so that writing it into
 a device slot is a few large copies (kernels.lora_slots.LoraSlotStack.write).
 
-Cost: the file is read once (its bytes feed the digest and are viewed in place, no second parse); each
-tensor is then cast, scaled and placed in one op into its module's preallocated buffer, and one finite
-check runs over each whole buffer.
+Cost: the file is read once, in pieces that a digest thread hashes while the rest is read; its bytes
+are then viewed in place (the header is parsed once; shapes are validated from it, before any tensor
+op). Each module kind's layers are concatenated straight into the host layout (one op per buffer, one
+multiply for B's scale), all modules' buffers share one allocation, and one finite check runs over it:
+about 25 torch ops per adapter instead of two per tensor, whatever the layer count.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +41,13 @@ PICKLE_FILE = "adapter_model.bin"
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.[\w-]+)?\.weight$"
 )
+
+
+@functools.lru_cache(maxsize=4096)  # adapters of one base share their few hundred tensor names
+def _parse_key(key: str) -> tuple[int, str, str] | None:
+    """(layer, module, "A" or "B") of a PEFT LoRA tensor name, else None."""
+    m = _KEY.match(key)
+    return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
 
 
 @dataclass(frozen=True)
@@ -380,14 +390,14 @@ def _host_copy(
     """Validate the file's tensors against the base model and build the host copy (see AdapterWeights)."""
     pairs: dict[tuple[int, str], dict[str, tuple[torch.Tensor, tuple[int, ...]]]] = {}
     for key, t in raw.items():
-        m = _KEY.match(key)
-        if m is None:
+        parsed = _parse_key(key)
+        if parsed is None:
             if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
                 raise UnsupportedAdapterError(name, f"LoRA on embeddings / lm_head is not supported ({key})")
             if "lora_magnitude_vector" in key:
                 raise UnsupportedAdapterError(name, "DoRA weights are not supported", param="use_dora")
             raise UnsupportedAdapterError(name, f"unsupported tensor {key!r} in {WEIGHTS_FILE}")
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        layer, module, which = parsed
         if module not in base.modules:
             raise UnsupportedAdapterError(name, f"target module {module!r} (tensor {key}) is not supported")
         if layer >= base.num_layers:
