@@ -208,7 +208,9 @@ def test_host_copy_holds_the_per_tensor_cast_and_scale(world, tmp_path, file_dty
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_host_copy_of_a_full_adapter_holds_the_per_tensor_cast_and_scale(world, tmp_path, file_dtype, dtype):
+def test_host_copy_of_a_full_adapter_holds_the_per_tensor_cast_and_scale(
+    world, tmp_path, file_dtype: torch.dtype, dtype: torch.dtype
+):
     """An adapter of every layer at one rank goes in by one concatenation per buffer (and one multiply
     for B, or one per layer where alpha_pattern names a single layer): the values must be exactly the
     per-tensor a.to(dtype) / (b.float() * scale).to(dtype) all the same."""
@@ -232,7 +234,8 @@ def test_host_copy_of_a_full_adapter_holds_the_per_tensor_cast_and_scale(world, 
             a, b = raw[KEY.format(layer, group, module, "A")], raw[KEY.format(layer, group, module, "B")]
             assert torch.equal(a_all[layer], a.to(dtype)), (module, layer)
             assert torch.equal(b_all[layer], (b.float() * (alpha / r)).to(dtype)), (module, layer)
-    assert adapter.num_bytes == sum(t.numel() * t.element_size() for ab in adapter.weights.stacked.values() for t in ab)
+    stacked = adapter.weights.stacked.values()
+    assert adapter.num_bytes == sum(t.numel() * t.element_size() for ab in stacked for t in ab)
 
 
 def test_digest_is_sha256_of_the_config_and_the_weights_file(world, monkeypatch):
