@@ -248,7 +248,8 @@ def test_digest_is_sha256_of_the_config_and_the_weights_file(world, monkeypatch)
     _, _, adapters, shapes = world
     path = adapters["mlp6rs"]
     want = hashlib.sha256()
-    for data in ((path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()):
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        data = (path / file).read_bytes()
         want.update(len(data).to_bytes(8, "little"))
         want.update(data)
     for chunk in (1000, 1 << 20):  # many pieces (the last one short), and one
