@@ -21,6 +21,7 @@ being written is reserved but invisible to slot_of until the write is done).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,21 @@ log = logging.getLogger(__name__)
 # (slot, weights, rank): weights is an AdapterWeights (per module, all layers; a mapping
 # {(layer, module): (A, B)} too), written by engine.model.write_lora_slot in a few large copies
 WriteSlot = Callable[[int, AdapterWeights, int], None]
+
+
+# Scheduling priority (nice) of the thread that adds transposed host copies: the weight of a nice-10
+# thread is about a tenth of a normal one's, so it yields CPU to loads and steps and uses what is idle.
+ROWS_THREAD_NICE = 10
+
+
+def _low_priority_background_thread() -> None:
+    """Pool initializer: no OpenMP team (limit_this_thread), and a lower scheduling priority for this
+    thread alone (on Linux nice is per thread; best effort elsewhere: it only changes who waits)."""
+    limit_this_thread()
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ROWS_THREAD_NICE)
+    except (AttributeError, OSError):  # no setpriority (Windows), or not allowed
+        pass
 
 
 class AdapterCache:
@@ -64,8 +80,9 @@ class AdapterCache:
         host_rows: bool = False,
     ) -> None:
         """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
-        so a later slot write from the host tier is plain copies (memory: twice the host copy). A loader
-        thread adds it after the first install, which neither waits nor competes for it."""
+        so a later slot write from the host tier is plain copies (memory: twice the host copy). A thread
+        of its own adds it after the first install, which does not wait for it; at a low scheduling
+        priority, so that it takes no CPU from a load or a model step that could use it."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -82,6 +99,12 @@ class AdapterCache:
         # theirs would slow every model step (cpu_threads.py).
         self._pool = ThreadPoolExecutor(
             max_workers=load_workers, thread_name_prefix="adapter-load", initializer=limit_this_thread
+        )
+        # The transposed copies (host_rows) only speed up a later install, so they never hold up a load:
+        # run in a pool of their own, a load never queues behind them (a rank-64 adapter's take tens of
+        # ms), and at a low priority they run on CPU time that nothing else wants.
+        self._rows_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="adapter-rows", initializer=_low_priority_background_thread
         )
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
@@ -189,7 +212,7 @@ class AdapterCache:
             self.counters.install_seconds.add(time.perf_counter() - t0)
             self._changed.notify_all()
             if self._host_rows and adapter.weights.rows is None and not self._closed:
-                self._pool.submit(self._add_rows, name, adapter)  # for its next install from the host tier
+                self._rows_pool.submit(self._add_rows, name, adapter)  # for its next install from host
         return True
 
     # ---- runtime control (server) -------------------------------------------------------------------
@@ -327,6 +350,7 @@ class AdapterCache:
             self._closed = True
             self._loading.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._rows_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals (lock held) ----------------------------------------------------------------------
     def _want(self, name: str, notify_failure: bool) -> None:
