@@ -54,7 +54,8 @@ def _low_priority_background_thread() -> None:
     thread alone (on Linux nice is per thread; best effort elsewhere: it only changes who waits)."""
     limit_this_thread()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ROWS_THREAD_NICE)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), ROWS_THREAD_NICE))
     except (AttributeError, OSError):  # no setpriority (Windows), or not allowed
         pass
 
