@@ -82,8 +82,9 @@ class AdapterCache:
     ) -> None:
         """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
         so a later slot write from the host tier is plain copies (memory: twice the host copy). A thread
-        of its own adds it after the first install, which does not wait for it; at a low scheduling
-        priority, so that it takes no CPU from a load or a model step that could use it."""
+        of its own adds it after the first install, which does not wait for it; it pauses while loads
+        are in flight and runs at a low scheduling priority, so that it takes little CPU from a load or
+        a model step that could use it."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -350,6 +351,7 @@ class AdapterCache:
         with self._lock:
             self._closed = True
             self._loading.clear()
+            self._changed.notify_all()  # a transposed copy waiting for loads gives up
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._rows_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -463,14 +465,23 @@ class AdapterCache:
                 log.exception("on_ready(%r) raised", name)
 
     def _add_rows(self, name: str, adapter: LoraAdapter) -> None:
-        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile."""
+        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile.
+        Loads come first: before each module it waits while any load is in flight (a cold load's time is
+        mostly CPU, which the transposes would take half of on a small machine)."""
+
+        def go_on() -> bool:
+            with self._lock:
+                while self._loading and not self._closed and self._host.get(name) is adapter:
+                    self._changed.wait()
+                return not self._closed and self._host.get(name) is adapter
+
         try:
-            rows = transposed_rows(adapter.weights, self._pin_memory)
+            rows = transposed_rows(adapter.weights, self._pin_memory, go_on)
         except Exception:  # e.g. out of memory: installs then transpose while copying
             log.exception("transposed host copy of adapter %r failed", name)
             return
         with self._lock:
-            if self._host.get(name) is not adapter:
+            if rows is None or self._host.get(name) is not adapter:
                 return  # unloaded, evicted or replaced by a reload
             before = adapter.num_bytes
             adapter.weights.rows = rows  # one assignment: a concurrent slot write sees both or neither
