@@ -83,8 +83,8 @@ class AdapterCache:
         """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
         so a later slot write from the host tier is plain copies (memory: twice the host copy). A thread
         of its own adds it after the first install, which does not wait for it; it pauses while loads
-        and installs are under way and runs at a low scheduling priority, so that it takes little CPU
-        from a load or a model step that could use it."""
+        are in flight and runs at a low scheduling priority, so that it takes little CPU from a load or
+        a model step that could use it."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -466,17 +466,13 @@ class AdapterCache:
 
     def _add_rows(self, name: str, adapter: LoraAdapter) -> None:
         """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile.
-        Loads and installs come first: before each module it waits while any load is in flight or any
-        adapter waits for or is being written into a slot (their time is mostly CPU and memory bandwidth,
-        which the transposes would take a good part of on a small machine)."""
-
-        def busy() -> bool:
-            return bool(self._loading or self._wanted or self._installing)
+        Loads come first: before each module it waits while any load is in flight (a cold load's time is
+        mostly CPU, which the transposes would take half of on a small machine)."""
 
         def go_on() -> bool:
             with self._lock:
-                while busy() and not self._closed and self._host.get(name) is adapter:
-                    self._changed.wait(0.1)  # not every change of _wanted notifies: look again now and then
+                while self._loading and not self._closed and self._host.get(name) is adapter:
+                    self._changed.wait()
                 return not self._closed and self._host.get(name) is adapter
 
         try:
