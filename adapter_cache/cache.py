@@ -472,7 +472,7 @@ class AdapterCache:
         def go_on() -> bool:
             with self._lock:
                 while self._loading and not self._closed and self._host.get(name) is adapter:
-                    self._changed.wait()
+                    self._changed.wait(0.1)  # not every change of _loading notifies: look again now and then
                 return not self._closed and self._host.get(name) is adapter
 
         try:
