@@ -21,6 +21,7 @@ being written is reserved but invisible to slot_of until the write is done).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,22 @@ log = logging.getLogger(__name__)
 # (slot, weights, rank): weights is an AdapterWeights (per module, all layers; a mapping
 # {(layer, module): (A, B)} too), written by engine.model.write_lora_slot in a few large copies
 WriteSlot = Callable[[int, AdapterWeights, int], None]
+
+
+# Scheduling priority (nice) of the thread that adds transposed host copies: the weight of a nice-10
+# thread is about a tenth of a normal one's, so it yields CPU to loads and steps and uses what is idle.
+ROWS_THREAD_NICE = 10
+
+
+def _low_priority_background_thread() -> None:
+    """Pool initializer: no OpenMP team (limit_this_thread), and a lower scheduling priority for this
+    thread alone (on Linux nice is per thread; best effort elsewhere: it only changes who waits)."""
+    limit_this_thread()
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), ROWS_THREAD_NICE))
+    except (AttributeError, OSError):  # no setpriority (Windows), or not allowed
+        pass
 
 
 class AdapterCache:
@@ -64,8 +81,10 @@ class AdapterCache:
         host_rows: bool = False,
     ) -> None:
         """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
-        so a later slot write from the host tier is plain copies (memory: twice the host copy). A loader
-        thread adds it after the first install, which neither waits nor competes for it."""
+        so a later slot write from the host tier is plain copies (memory: twice the host copy). A thread
+        of its own adds it after the first install, which does not wait for it; it pauses while loads
+        are in flight and runs at a low scheduling priority, so that it takes little CPU from a load or
+        a model step that could use it."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -82,6 +101,12 @@ class AdapterCache:
         # theirs would slow every model step (cpu_threads.py).
         self._pool = ThreadPoolExecutor(
             max_workers=load_workers, thread_name_prefix="adapter-load", initializer=limit_this_thread
+        )
+        # The transposed copies (host_rows) only speed up a later install, so they never hold up a load:
+        # run in a pool of their own, a load never queues behind them (a rank-64 adapter's take tens of
+        # ms), and at a low priority they run on CPU time that nothing else wants.
+        self._rows_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="adapter-rows", initializer=_low_priority_background_thread
         )
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
@@ -189,7 +214,7 @@ class AdapterCache:
             self.counters.install_seconds.add(time.perf_counter() - t0)
             self._changed.notify_all()
             if self._host_rows and adapter.weights.rows is None and not self._closed:
-                self._pool.submit(self._add_rows, name, adapter)  # for its next install from the host tier
+                self._rows_pool.submit(self._add_rows, name, adapter)  # for its next install from host
         return True
 
     # ---- runtime control (server) -------------------------------------------------------------------
@@ -326,7 +351,9 @@ class AdapterCache:
         with self._lock:
             self._closed = True
             self._loading.clear()
+            self._changed.notify_all()  # a transposed copy waiting for loads gives up
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._rows_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals (lock held) ----------------------------------------------------------------------
     def _want(self, name: str, notify_failure: bool) -> None:
@@ -438,14 +465,23 @@ class AdapterCache:
                 log.exception("on_ready(%r) raised", name)
 
     def _add_rows(self, name: str, adapter: LoraAdapter) -> None:
-        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile."""
+        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile.
+        Loads come first: before each module it waits while any load is in flight (a cold load's time is
+        mostly CPU, which the transposes would take half of on a small machine)."""
+
+        def go_on() -> bool:
+            with self._lock:
+                while self._loading and not self._closed and self._host.get(name) is adapter:
+                    self._changed.wait(0.1)  # not every change of _loading notifies: look again now and then
+                return not self._closed and self._host.get(name) is adapter
+
         try:
-            rows = transposed_rows(adapter.weights, self._pin_memory)
+            rows = transposed_rows(adapter.weights, self._pin_memory, go_on)
         except Exception:  # e.g. out of memory: installs then transpose while copying
             log.exception("transposed host copy of adapter %r failed", name)
             return
         with self._lock:
-            if self._host.get(name) is not adapter:
+            if rows is None or self._host.get(name) is not adapter:
                 return  # unloaded, evicted or replaced by a reload
             before = adapter.num_bytes
             adapter.weights.rows = rows  # one assignment: a concurrent slot write sees both or neither

@@ -206,6 +206,88 @@ def test_host_copy_holds_the_per_tensor_cast_and_scale(world, tmp_path, file_dty
         assert b_t.is_contiguous() and torch.equal(b_t, b_all.transpose(1, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_copy_of_a_full_adapter_holds_the_per_tensor_cast_and_scale(
+    world, tmp_path, file_dtype: torch.dtype, dtype: torch.dtype
+):
+    """An adapter of every layer at one rank goes in by one concatenation per buffer (and one multiply
+    for B, or one per layer where alpha_pattern names a single layer): the values must be exactly the
+    per-tensor a.to(dtype) / (b.float() * scale).to(dtype) all the same."""
+    _, _, adapters, shapes = world
+    path = tmp_path / "full"
+    path.mkdir()
+    cfg = json.loads((adapters["all16"] / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"model.layers.1.self_attn.q_proj": 7}  # q_proj: two scales over the layers
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    raw = load_file(adapters["all16"] / "adapter_model.safetensors")
+    save_file({k: v.to(file_dtype).contiguous() for k, v in raw.items()}, path / "adapter_model.safetensors")
+    raw = load_file(path / "adapter_model.safetensors")
+    adapter = load_peft_adapter("full", path, shapes, R_MAX, dtype)
+    r = cfg["r"]
+    assert adapter.rank == r and len(adapter.weights) == shapes.num_layers * len(shapes.modules)
+    for module, (a_all, b_all) in adapter.weights.stacked.items():
+        group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        assert a_all.dtype == b_all.dtype == dtype and a_all.shape[1] == b_all.shape[2] == r
+        for layer in range(shapes.num_layers):
+            alpha = 7 if (layer, module) == (1, "q_proj") else cfg["lora_alpha"]
+            a, b = raw[KEY.format(layer, group, module, "A")], raw[KEY.format(layer, group, module, "B")]
+            assert torch.equal(a_all[layer], a.to(dtype)), (module, layer)
+            assert torch.equal(b_all[layer], (b.float() * (alpha / r)).to(dtype)), (module, layer)
+    stacked = adapter.weights.stacked.values()
+    assert adapter.num_bytes == sum(t.numel() * t.element_size() for ab in stacked for t in ab)
+
+
+def test_digest_is_sha256_of_the_config_and_the_weights_file(world, monkeypatch):
+    """The digest (the prefix cache's namespace of the adapter's version) is fed piece by piece while the
+    file is read; it must stay sha256 over (length, bytes) of adapter_config.json, then of the weights."""
+    import hashlib
+
+    from loraplex.adapter_cache import peft_format
+
+    _, _, adapters, shapes = world
+    path = adapters["mlp6rs"]
+    want = hashlib.sha256()
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        data = (path / file).read_bytes()
+        want.update(len(data).to_bytes(8, "little"))
+        want.update(data)
+    for chunk in (1000, 1 << 20):  # many pieces (the last one short), and one
+        monkeypatch.setattr(peft_format, "READ_CHUNK_BYTES", chunk)
+        assert load_peft_adapter("d", path, shapes, R_MAX).digest == want.hexdigest()
+
+
+def test_flat_views_equal_tensor_views(tmp_path):
+    """flat_views (one split when the entries tile the data, else one view per entry) gives each
+    entry's elements and shape as tensor_view does, and refuses what tensor_view refuses."""
+    from loraplex.safetensors_view import flat_views, parse_header, tensor_view
+
+    tensors = {"b": torch.randn(3, 4), "a": torch.randn(5), "e": torch.zeros(0, 2), "c": torch.randn(2, 2, 2)}
+    cases = {
+        "tiled": tensors,
+        "mixed": {**tensors, "h": torch.randn(4, 2).to(torch.bfloat16), "i": torch.arange(3)},
+    }
+    for case, ts in cases.items():
+        save_file(ts, tmp_path / f"{case}.safetensors")
+        buf = bytearray((tmp_path / f"{case}.safetensors").read_bytes())
+        header, start = parse_header(buf)
+        views = flat_views(buf, header, start, len(buf))
+        assert list(views) == list(header)
+        for key, (flat, shape) in views.items():
+            assert flat.dim() == 1 and shape == tuple(ts[key].shape), (case, key)
+            assert torch.equal(flat.view(shape), tensor_view(buf, header[key], start, len(buf))), (case, key)
+            assert torch.equal(flat.view(shape), ts[key]), (case, key)
+    # a gap between entries (not tiled): views per entry, same values
+    buf = bytearray((tmp_path / "tiled.safetensors").read_bytes())
+    header, start = parse_header(buf)
+    del header["b"]
+    views = flat_views(buf, header, start, len(buf))
+    assert torch.equal(views["a"][0], tensors["a"]) and torch.equal(views["c"][0].view(2, 2, 2), tensors["c"])
+    for bad in ({"dtype": "F32", "data_offsets": [0, 4 * 5 + 4], "shape": [5]}, ["not", "a", "dict"]):
+        with pytest.raises(ValueError):
+            flat_views(buf, {**header, "x": bad}, start, len(buf))
+
+
 def _rewrite(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())

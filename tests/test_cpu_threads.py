@@ -63,3 +63,25 @@ def test_adapter_loader_threads_start_no_openmp_team():
         assert n == 1 and grown == 0
     finally:
         cache.close()
+
+
+def test_transposed_copy_thread_starts_no_openmp_team_and_yields_cpu():
+    """host_rows: the thread that adds transposed host copies has no OpenMP team either, and runs at a
+    lower scheduling priority (nice) than the threads that load adapters and step the model."""
+    import threading
+
+    cache = AdapterCache(
+        AdapterSources(named={}), BaseShapes("none", 1, {}), 8, torch.float32, 1, 1, 1 << 20,
+        lambda slot, weights, rank: None, lambda slot: None, host_rows=True,
+    )  # fmt: skip
+    try:
+        n, grown = _team_growth(cache._rows_pool)
+        assert n == 1 and grown == 0
+
+        def nice() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert cache._rows_pool.submit(nice).result() >= max(nice(), 10)
+        assert cache._pool.submit(nice).result() == nice()
+    finally:
+        cache.close()
