@@ -36,7 +36,8 @@ of them (memory: one more copy of the linear's packed weights while it lives):
   itself, steady decode or prefill): W + B A (per slice, summed in float32, rounded once to W's dtype),
   packed. A step then costs what a base-only step costs. The adapter's delta is then rounded into the
   weights (as PEFT's merge_and_unload does): within bf16 rounding of the unmerged sum, not bit-equal to it.
-  A step of the same set with other tokens (base-only rows) does not use it.
+  A step of the same set with other tokens (base-only rows) does not use it. Made only while the
+  machine's available memory keeps MERGE_MEMORY_HEADROOM after it (else the fused copy serves).
 - FusedPacked, for sets of up to FUSE_MAX_ADAPTERS adapters: W with the stacked A rows under it, packed.
 Either is made when the same active set (same slots, same write versions) has served FUSE_AFTER_STEPS
 steps in a row, the cost model prices it below the plan it replaces, and those steps' savings would have
@@ -73,6 +74,7 @@ from .meta import LoraMeta
 
 FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
 COPY_STEP_SECONDS = 0.01  # per step at most this much time goes into making fused / merged copies (the rest wait for the next steps)
+MERGE_MEMORY_HEADROOM = 512 << 20  # a merged copy is made only while this much memory stays available after it
 STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
@@ -160,6 +162,19 @@ class MergedPacked(NamedTuple):
     packed: torch.Tensor  # [out_total, in]
 
 
+def memory_allows(nbytes: int) -> bool:
+    """Whether one more copy of `nbytes` leaves MERGE_MEMORY_HEADROOM of the machine's available memory
+    (Linux MemAvailable; True where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024 >= nbytes + MERGE_MEMORY_HEADROOM
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def _cache_key(slots: LoraSlots, active: Active) -> tuple:
     return (active.slots, tuple(slots.versions[s] for s in active.slots))
 
@@ -218,14 +233,16 @@ def lora_linear_cpu(
         held = _steps_held(slots, key, meta) if can_make else 0
         if held >= FUSE_AFTER_STEPS and fig is not None and meta.cache.get("copy-seconds", 0.0) < COPY_STEP_SECONDS:
             now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
+            fused_saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)
             # per step like this one; merged costs nothing beyond the base matmul
-            saving = now if merge else now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)
+            saving = now if merge else fused_saving
             # worth it when the steps the set has held would have repaid the last copy this linear made
             if saving > 0 and held * saving >= slots.fuse_seconds:
-                if merge:
+                if merge and memory_allows(weight.numel() * weight.element_size()):
                     make_merged(slots, weight, key, active, meta)
                     return packed_linear(x, slots.fused.packed, bias)
-                if make_fused(slots, weight, bias, key, active, meta):
+                # (no room for a merged copy: the fused copy, W plus a few A rows, where it pays)
+                if fused_saving > 0 and len(active.slots) <= FUSE_MAX_ADAPTERS and make_fused(slots, weight, bias, key, active, meta):
                     plan = "fused-packed"
     if plan == "merged":
         assert single and isinstance(slots.fused, MergedPacked) and slots.fused.key == key, "merged needs the merged copy of this adapter"

@@ -465,6 +465,26 @@ def test_merged_copy_serves_steps_of_one_adapter_and_follows_rewrites():
     assert isinstance(slots.fused, MergedPacked) and slots.fused.key != made.key
 
 
+def test_no_merged_copy_without_memory_for_it(monkeypatch):
+    """Where the machine's available memory would not keep MERGE_MEMORY_HEADROOM after one more copy of W,
+    one-adapter steps take the fused packed copy (a few A rows more than W) instead of a merged one."""
+    import os
+
+    from loraplex.kernels import cpu_lora
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo: memory_allows cannot tell, and says yes")
+    assert cpu_lora.memory_allows(1)  # this machine has room for a byte
+    monkeypatch.setattr(cpu_lora, "MERGE_MEMORY_HEADROOM", 1 << 60)
+    assert not cpu_lora.memory_allows(1)
+    slots, w, bias, packed, a, b, offsets, ranks, g = _bf16_slots_case(seed=7)
+    x = torch.randn(9, w.shape[1], generator=g).to(torch.bfloat16)
+    for _ in range(cpu_lora.FUSE_AFTER_STEPS + 1):
+        y = lora_linear_cpu(x, w, bias, packed, slots, build_lora_meta([1] * 9, ranks))
+        _assert_bf16_close(y, _expected(x.double(), x.double() @ w.double().T + bias.double(), a, b, offsets, [1] * 9))
+    assert isinstance(slots.fused, cpu_lora.FusedPacked)
+
+
 def test_copies_made_per_step_stay_within_the_step_budget(monkeypatch):
     """At most COPY_STEP_SECONDS of merged / fused copies per step: the linears that come after the budget
     is spent make theirs in the next steps (one step's latency does not carry the whole model's copies)."""
