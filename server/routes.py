@@ -178,12 +178,13 @@ def parse_routes(data: Any, where: str = "") -> RouteTable:
     return RouteTable({alias: parse_route(alias, body, where) for alias, body in data.items()})
 
 
-def read_routes_file(path: str | Path) -> RouteTable:
-    """Parse the routes file: JSON for `.json`, YAML otherwise (YAML is a superset of JSON)."""
+def read_routes_file(path: str | Path, content: bytes | None = None) -> RouteTable:
+    """Parse the routes file: JSON for `.json`, YAML otherwise (YAML is a superset of JSON).
+    `content`: the file's bytes already read (the watcher parses exactly what it compared)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8") if content is None else content.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise RouteError(f"cannot read the routes file {path}: {exc}") from exc
     try:
         if path.suffix.lower() == ".json":

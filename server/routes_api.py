@@ -10,7 +10,9 @@ effect: every version it names must be served now, so a route to a missing adapt
 reload with a clear error, never at request time. Changes replace the whole table in one assignment.
 
 `--routes FILE` (YAML, or JSON for `.json`): the file is read when the engine is ready and re-read
-whenever its content changes (polled every --routes-poll-seconds). A file that does not parse or
+whenever its content changes (polled every --routes-poll-seconds; a new content is acted on once two
+polls in a row read it the same, so a file caught half-written is not loaded; the first read at
+start acts at once). A file that does not parse or
 check is rejected with a logged error, shown at GET /v1/routes, and the routes in force stay. A
 reload replaces the whole table, so changes made through the API last until the file next changes.
 """
@@ -43,6 +45,7 @@ class RoutesFile:
         self.path = Path(path)
         self.poll_seconds = poll_seconds
         self.digest: bytes | None = None  # of the content last tried (loaded or rejected)
+        self.seen: bytes | None = None  # of the content the previous poll read
         self.loaded_at: float | None = None
         self.error: str | None = None
 
@@ -50,17 +53,22 @@ class RoutesFile:
         return {"path": str(self.path), "loaded_at": self.loaded_at, "error": self.error}
 
     def read_if_changed(self, state: ServerState) -> RouteTable | None:
-        """Read the file; when its content changed, parse and check it: the new table, or None (no
-        change, or rejected: the error is kept and logged). Blocking (reads the disk): off the loop."""
+        """Read the file; when its content changed and the previous poll read the same content (a
+        writer that truncates then writes is never caught half-way), parse and check it: the new
+        table, or None (no change, not settled yet, or rejected: the error is kept and logged).
+        Blocking (reads the disk): off the loop."""
+        content: bytes | None
         try:
-            digest = hashlib.blake2b(self.path.read_bytes()).digest()
+            content = self.path.read_bytes()
+            digest = hashlib.blake2b(content).digest()
         except OSError as exc:
-            digest = repr(exc).encode()  # a missing file counts as a change of content, reported once
-        if digest == self.digest:
+            content, digest = None, repr(exc).encode()  # a missing file is a change of content, reported once
+        settled, self.seen = digest == self.seen, digest
+        if digest == self.digest or (self.digest is not None and not settled):  # the first read acts at once
             return None
         self.digest = digest
         try:
-            table = read_routes_file(self.path)
+            table = read_routes_file(self.path, content)
             state.check_routes(table)
         except LoraplexError as exc:
             self.error = exc.message

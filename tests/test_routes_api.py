@@ -206,6 +206,24 @@ def test_stickiness_holds_across_file_reloads(fake, tmp_path):
         assert after == before and len(set(before.values())) == 2
 
 
+def test_routes_file_caught_half_written_is_not_loaded(fake, tmp_path):
+    """A writer that truncates then writes (write_text) can be read in between: a content is acted on
+    only when two polls in a row read it the same, so the empty in-between file never clears the routes."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("support:\n  versions: {support-v7: 100}\n")
+    with client_for(fake, routes_file=str(path), routes_poll_seconds=3600) as client:  # polls by hand below
+        wait_for(lambda: client.get("/v1/routes").json()["data"])  # the first read acts at once
+        state = client.app.state.loraplex
+        watcher = state.routes_file
+        path.write_text("")  # caught mid-write: not loaded
+        assert watcher.read_if_changed(state) is None
+        path.write_text("support:\n  versions: {support-v8: 100}\n")  # the writer finishes
+        assert watcher.read_if_changed(state) is None  # changed since the previous poll: not yet
+        table = watcher.read_if_changed(state)  # read the same twice: loaded
+        assert table is not None and table.to_json()["support"]["versions"] == {"support-v8": 100}
+        assert watcher.read_if_changed(state) is None and watcher.error is None
+
+
 # ---- tenants ----------------------------------------------------------------------------------------
 def test_tenant_allow_lists_apply_to_aliases(fake):
     keys = {ADMIN: KeyPolicy(("*",), admin=True), SUPPORT: KeyPolicy(("support",)), OTHER: KeyPolicy(("legal", "support-v8"))}
