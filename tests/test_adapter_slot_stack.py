@@ -424,3 +424,54 @@ def test_cache_adds_the_transposed_host_copy_after_the_load(world):
         assert cache.stats()["host"]["bytes"] == 0
     finally:
         cache.close()
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """Share of the pages under contiguous tensor `t` that are resident (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
+    vec = (ctypes.c_ubyte * ((end - start) // page))()
+    assert libc.mincore(start, end - start, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / len(vec)
+
+
+def test_slot_pages_warms_the_next_fresh_slots_and_keeps_their_contents():
+    """SlotPages faults in the pages of the next WARM_AHEAD never-written slots (lazily mapped buffers:
+    untouched pages are not resident), slot 0 on from allocation and s + 1.. after a write into s,
+    without changing what they hold."""
+    from loraplex.engine.model import SlotPages, lazy_zeros, populate_pages
+
+    if not populate_pages([torch.zeros(1)]):
+        pytest.skip("the kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+    num_slots, layers, in_f = 6, 2, 512
+    stack = LoraSlotStack(layers, in_f, [0, 256, 512], num_slots, 64, torch.float32, torch.device("cpu"),
+                          with_row_tables=True, zeros=lazy_zeros)  # fmt: skip
+    stack.weight_ext[0, 512 + 128 + 5, 7] = 3.5  # slot 1 holds a value before it is warmed
+
+    def warm(slot: int) -> bool:
+        return all(_resident_fraction(c) == 1.0 for c in stack.slot_chunks(slot))
+
+    assert not any(warm(s) for s in range(num_slots))  # fresh lazy pages (slot 1: only one page touched)
+    pages = SlotPages({"x": stack}, num_slots)
+    pages.written(-1)  # allocation
+    if pages.thread is not None:
+        pages.thread.join()
+    assert [warm(s) for s in range(num_slots)] == [True, True, False, False, False, False]
+    pages.written(0)
+    if pages.thread is not None:
+        pages.thread.join()
+    assert [warm(s) for s in range(num_slots)] == [True, True, True, False, False, False]
+    pages.written(4)  # slots further on: 5 only (no slot 6)
+    if pages.thread is not None:
+        pages.thread.join()
+    assert [warm(s) for s in range(num_slots)] == [True, True, True, False, False, True]
+    assert pages.warmed == {0, 1, 2, 5}
+    assert stack.weight_ext[0, 512 + 128 + 5, 7] == 3.5
+    assert stack.weight_ext[:, 512:].count_nonzero() == 1 and stack.rows is not None
+    assert all(t.count_nonzero() == 0 for t in [*stack.rows.b, stack.rows.a])
