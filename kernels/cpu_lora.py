@@ -556,8 +556,10 @@ def delta_rows(
     if idx is None:
         idx = meta.cache[key] = _RowIndex(meta, in_f, num_slices, r_max)
     xs = x if idx.lora_rows is None else x.index_select(0, idx.lora_rows)  # the shrink's weights
-    h = F.embedding_bag(idx.a_idx, rows.a, idx.a_off, mode="sum", per_sample_weights=xs.reshape(-1))
+    # torch.embedding_bag (F.embedding_bag without its Python checks: the indices are ours), mode 0 = sum
+    h = torch.embedding_bag(rows.a, idx.a_idx, idx.a_off, False, 0, False, xs.reshape(-1))[0]
     h_flat = h.view(-1)  # h: [num_tokens, num_slices * r_max]
-    for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
+    for j in range(num_slices):
         weights = h_flat.index_select(0, idx.h_idx[j])
-        y[:, c0:c1] += F.embedding_bag(idx.b_idx, rows.b[j], idx.b_off, mode="sum", per_sample_weights=weights)
+        delta = torch.embedding_bag(rows.b[j], idx.b_idx, idx.b_off, False, 0, False, weights)[0]
+        y[:, slice_offsets[j] : slice_offsets[j + 1]].add_(delta)  # (not +=: its __setitem__ copies the slice onto itself)
