@@ -143,9 +143,7 @@ class KernelOptions:
     lora_backend: str = "auto"  # auto | torch | triton (kernels.lora_linear)
     cpu_packed_linear: bool = True  # 16-bit CPU: oneDNN-packed base weights (kernels/cpu_linear.py)
     cpu_lora_rows: bool = True  # CPU: row tables of the LoRA slots (the rows strategy, kernels/cpu_lora.py)
-    cpu_lora_merge: bool = (
-        True  # 16-bit CPU: the merged plan (W + B A packed for one-adapter steps, kernels/cpu_lora.py)
-    )
+    cpu_lora_merge: bool = True  # 16-bit CPU: the merged plan (W + B A packed for one-adapter steps, kernels/cpu_lora.py)
 
 
 @dataclass(frozen=True)
@@ -198,12 +196,7 @@ class ModelSpec:
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """Target module name -> (in_features, out_features) of its base Linear."""
-        q, kv, h, m = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.hidden_size,
-            self.intermediate_size,
-        )
+        q, kv, h, m = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size, self.intermediate_size
         return {
             "q_proj": (h, q),
             "k_proj": (h, kv),
@@ -216,9 +209,7 @@ class ModelSpec:
 
 
 class RMSNorm(nn.Module):
-    def __init__(
-        self, dim: int, eps: float, dtype: torch.dtype | None, device: torch.device | str | None
-    ) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
@@ -251,12 +242,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.kernels = kernels or KernelOptions()
         out = sum(slice_sizes)
-        self.weight = nn.Parameter(
-            torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.slice_offsets = [0]
         for s in slice_sizes:
             self.slice_offsets.append(self.slice_offsets[-1] + s)
@@ -286,9 +273,7 @@ class LoraLinear(nn.Module):
         )  # fmt: skip
         slots.merge = self.kernels.cpu_lora_merge
         self.slots = slots
-        self.weight = nn.Parameter(
-            slots.weight, requires_grad=False
-        )  # shares the buffer: no second copy of W
+        self.weight = nn.Parameter(slots.weight, requires_grad=False)  # shares the buffer: no second copy of W
         if slots.bias is not None:
             self.bias = nn.Parameter(slots.bias, requires_grad=False)
         if copy_weight:
@@ -309,9 +294,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
         # x: [T, in] -> [T, out_total]
-        return lora_linear(
-            x, self.weight, self.bias, self.packed, self.slots, meta, self.kernels.lora_backend
-        )
+        return lora_linear(x, self.weight, self.bias, self.packed, self.slots, meta, self.kernels.lora_backend)
 
     # Read-only views of the slot buffers (inspection, memory accounting); None before allocate_lora.
     @property
@@ -467,9 +450,7 @@ class CausalLM(nn.Module):
             )  # fmt: skip
             self.lora_stacks[group] = stack
             for i, layer in enumerate(layers):
-                getattr(layer, group).allocate_lora(
-                    num_slots, r_max, copy_weight=copy_weights, stack=stack, layer=i
-                )
+                getattr(layer, group).allocate_lora(num_slots, r_max, copy_weight=copy_weights, stack=stack, layer=i)
         self.num_lora_slots, self.lora_r_max = num_slots, r_max
         self.slot_pages = SlotPages(self.lora_stacks, num_slots)
         self.slot_pages.written(-1)
@@ -557,9 +538,7 @@ def write_lora_slot(
     for layer_idx, layer in enumerate(model.decoder_layers()):
         for group, lin in zip(_GROUPS, layer.linears(), strict=True):
             assert lin.slots is not None
-            per_slice = [
-                weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)
-            ]
+            per_slice = [weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)]
             lin.slots.write(slot, per_slice)
     if model.slot_pages is not None:
         model.slot_pages.written(slot)

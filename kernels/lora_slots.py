@@ -275,24 +275,18 @@ class LoraSlotStack:
                 shapes += [(self.num_layers, self.in_features, r), (self.num_layers, r, c1 - c0)]
                 given += [t_ab[0], t_ab[1]]
             if [tuple(t.shape) for t in given] != shapes:  # copy_ would broadcast a misfit silently
-                raise ValueError(
-                    f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}"
-                )
+                raise ValueError(f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}")
         if max(ranks) > self.r_max:
             raise ValueError(f"rank {max(ranks)} is above the slots' r_max {self.r_max}")
         old = self.extent[slot]
         self.touched(slot, max(ranks))  # kept if a copy below fails: the next write zeroes it all
         r_max, in_f = self.r_max, self.in_features
         ext = self.out_total + slot * num_slices * r_max
-        a_slot = self.weight_ext[:, ext : ext + num_slices * r_max].view(
-            self.num_layers, num_slices, r_max, in_f
-        )
+        a_slot = self.weight_ext[:, ext : ext + num_slices * r_max].view(self.num_layers, num_slices, r_max, in_f)
         b_slot = self.lora_b[:, :, slot]  # [num_layers, out_total, r_max], rows of stride num_slots * r_max
         rows_a = None
         if self.rows is not None:
-            rows_a = self.rows.a[:, slot * in_f : (slot + 1) * in_f].view(
-                self.num_layers, in_f, num_slices, r_max
-            )
+            rows_a = self.rows.a[:, slot * in_f : (slot + 1) * in_f].view(self.num_layers, in_f, num_slices, r_max)
         for i, ((c0, c1), ab, r) in enumerate(zip(self._slices(), per_slice, ranks, strict=True)):
             if ab is not None and r:
                 a, b = ab
@@ -310,9 +304,7 @@ class LoraSlotStack:
                     rows_a[:, :, i, r:old].zero_()
                     self.rows.b[i][:, slot * r_max + r : slot * r_max + old].zero_()
         self.extent[slot] = max(ranks)
-        for (
-            view
-        ) in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
+        for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
             view.versions[slot] += 1
             if view.fused is not None and slot in view.fused.key[0]:  # stale now: free its memory at once
