@@ -532,13 +532,11 @@ def write_lora_slot(
             modules = [_MODULE_OF[(group, i)] for i in range(len(stack.slice_offsets) - 1)]
             given_rows = None if rows is None or stack.rows is None else [rows.get(m) for m in modules]
             stack.write(slot, [stacked.get(m) for m in modules], given_rows)
-        if model.slot_pages is not None:
-            model.slot_pages.written(slot)
-        return
-    for layer_idx, layer in enumerate(model.decoder_layers()):
-        for group, lin in zip(_GROUPS, layer.linears(), strict=True):
-            assert lin.slots is not None
-            per_slice = [weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)]
-            lin.slots.write(slot, per_slice)
+    else:
+        for layer_idx, layer in enumerate(model.decoder_layers()):
+            for group, lin in zip(_GROUPS, layer.linears(), strict=True):
+                assert lin.slots is not None
+                per_slice = [weights.get((layer_idx, _MODULE_OF[(group, i)])) for i in range(len(lin.slice_offsets) - 1)]
+                lin.slots.write(slot, per_slice)
     if model.slot_pages is not None:
         model.slot_pages.written(slot)

@@ -281,12 +281,12 @@ class LoraSlotStack:
         old = self.extent[slot]
         self.touched(slot, max(ranks))  # kept if a copy below fails: the next write zeroes it all
         r_max, in_f = self.r_max, self.in_features
-        ext = self.out_total + slot * num_slices * r_max
-        a_slot = self.weight_ext[:, ext : ext + num_slices * r_max].view(self.num_layers, num_slices, r_max, in_f)
+        own_a, own_rows_a, own_rows_b = self._own(slot)
+        a_slot = own_a.view(self.num_layers, num_slices, r_max, in_f)
         b_slot = self.lora_b[:, :, slot]  # [num_layers, out_total, r_max], rows of stride num_slots * r_max
         rows_a = None
-        if self.rows is not None:
-            rows_a = self.rows.a[:, slot * in_f : (slot + 1) * in_f].view(self.num_layers, in_f, num_slices, r_max)
+        if own_rows_a is not None:
+            rows_a = own_rows_a.view(self.num_layers, in_f, num_slices, r_max)
         for i, ((c0, c1), ab, r) in enumerate(zip(self._slices(), per_slice, ranks, strict=True)):
             if ab is not None and r:
                 a, b = ab
@@ -296,13 +296,13 @@ class LoraSlotStack:
                     t_ab = None if rows_per_slice is None else rows_per_slice[i]
                     a_t, b_t = (a.transpose(1, 2), b.transpose(1, 2)) if t_ab is None else t_ab
                     rows_a[:, :, i, :r].copy_(a_t)
-                    self.rows.b[i][:, slot * r_max : slot * r_max + r].copy_(b_t)
+                    own_rows_b[i][:, :r].copy_(b_t)
             if r < old:  # what the previous adapter left above this rank
                 a_slot[:, i, r:old].zero_()
                 b_slot[:, c0:c1, r:old].zero_()
                 if rows_a is not None and self.rows is not None:
                     rows_a[:, :, i, r:old].zero_()
-                    self.rows.b[i][:, slot * r_max + r : slot * r_max + old].zero_()
+                    own_rows_b[i][:, r:old].zero_()
         self.extent[slot] = max(ranks)
         for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
@@ -310,17 +310,24 @@ class LoraSlotStack:
             if view.fused is not None and slot in view.fused.key[0]:  # stale now: free its memory at once
                 view.fused = None
 
-    def slot_chunks(self, slot: int) -> list[torch.Tensor]:
-        """Contiguous views of what slot `slot` alone owns, layer by layer: its A rows and its parts of the
-        row tables (not lora_b: slot-minor, so every slot shares its pages). For warming the slot's pages
-        before a write (engine/model.py SlotPages)."""
+    def _own(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """What slot `slot` alone owns, all layers: its A rows [num_layers, num_slices * r_max, in], its
+        rows of the row tables a [num_layers, in, num_slices * r_max] and b (per slice [num_layers, r_max,
+        width]); None / [] without row tables. (lora_b is slot-minor: every slot shares its pages.)"""
         num_slices = len(self.slice_offsets) - 1
         r_max, in_f = self.r_max, self.in_features
         ext = self.out_total + slot * num_slices * r_max
-        whole = [self.weight_ext[:, ext : ext + num_slices * r_max]]
-        if self.rows is not None:
-            whole.append(self.rows.a[:, slot * in_f : (slot + 1) * in_f])
-            whole += [b[:, slot * r_max : (slot + 1) * r_max] for b in self.rows.b]
+        a = self.weight_ext[:, ext : ext + num_slices * r_max]
+        if self.rows is None:
+            return a, None, []
+        rows_b = [b[:, slot * r_max : (slot + 1) * r_max] for b in self.rows.b]
+        return a, self.rows.a[:, slot * in_f : (slot + 1) * in_f], rows_b
+
+    def slot_chunks(self, slot: int) -> list[torch.Tensor]:
+        """Contiguous views of what slot `slot` alone owns (_own), layer by layer. For warming the slot's
+        pages before a write (engine/model.py SlotPages)."""
+        a, rows_a, rows_b = self._own(slot)
+        whole = [a] + ([] if rows_a is None else [rows_a, *rows_b])
         return [t[layer] for t in whole for layer in range(self.num_layers)]
 
     def tensors(self) -> list[torch.Tensor]:
