@@ -32,6 +32,7 @@ import torch
 
 from ..cpu_threads import limit_this_thread
 from ..errors import AdapterError, AdapterNotFoundError
+from .host_memory import HostMemory
 from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter, transposed_rows
 from .sources import AdapterSources
 from .stats import CacheCounters
@@ -112,6 +113,8 @@ class AdapterCache:
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
         self._closed = False
         self._host = HostTier(max_host_adapters, host_bytes_budget)
+        # Buffers of host copies: recycled when the host tier drops them, kept within its byte budget
+        self.host_memory = HostMemory(host_bytes_budget)
         self._device = SlotTable(num_slots)
         self._installing: dict[str, int] = {}  # slot reserved, write in progress, not yet visible
         self._wanted: OrderedDict[str, None] = OrderedDict()  # install queue, first asked first
@@ -288,6 +291,8 @@ class AdapterCache:
             if drop_host:
                 for name in self._host.names():
                     self._host.pop(name)
+        if drop_host:
+            self.host_memory.trim()  # the dropped copies' memory goes back to the system too
 
     def restore_held(self) -> None:
         """After an offload: queue the adapters held by load(pin=True) for their slots again."""
@@ -319,6 +324,7 @@ class AdapterCache:
                 failed=sum(self._fresh_failure(n) is not None for n in list(self._failed)),
                 pinned=sum(self._device.pins.values()),
                 held=len(self._device.held),
+                host_free_bytes=self.host_memory.stats().free_bytes,
             )
 
     # ---- admission-time checks (any thread) ---------------------------------------------------------
@@ -354,6 +360,7 @@ class AdapterCache:
             self._changed.notify_all()  # a transposed copy waiting for loads gives up
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._rows_pool.shutdown(wait=False, cancel_futures=True)
+        self.host_memory.close()
 
     # ---- internals (lock held) ----------------------------------------------------------------------
     def _want(self, name: str, notify_failure: bool) -> None:
@@ -431,7 +438,8 @@ class AdapterCache:
         try:
             path = self.sources.resolve(name)
             adapter = load_peft_adapter(
-                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory
+                name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory,
+                memory=self.host_memory,
             )
         except AdapterError as exc:
             error = exc
@@ -476,7 +484,7 @@ class AdapterCache:
                 return not self._closed and self._host.get(name) is adapter
 
         try:
-            rows = transposed_rows(adapter.weights, self._pin_memory, go_on)
+            rows = transposed_rows(adapter.weights, self._pin_memory, go_on, self.host_memory)
         except Exception:  # e.g. out of memory: installs then transpose while copying
             log.exception("transposed host copy of adapter %r failed", name)
             return

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import AdapterFormatError, AdapterShapeError, UnsupportedAdapterError
 from ..safetensors_view import flat_views, parse_header
+from .host_memory import MAP_FLAGS, POOLED, HostMemory
 
 log = logging.getLogger(__name__)
 
@@ -322,23 +323,27 @@ def _stack_module(
         torch.mul(b if b.dtype in (dtype, torch.float32) else b.float(), scale, out=b_all[layer, :, :r])
 
 
-# Host copies at least this large come from their own pre-populated anonymous memory map (see
-# _host_buffer); smaller ones from torch's allocator.
+# Host copies at least this large come from HostMemory (populated, recycled memory maps) or their own
+# populated memory map (see _host_buffer); smaller ones from torch's allocator.
 HOST_MMAP_MIN_BYTES = 2**20
-_MAP_FLAGS = sum(getattr(mmap, flag, 0) for flag in ("MAP_PRIVATE", "MAP_ANONYMOUS", "MAP_POPULATE"))
 
 
-def _host_buffer(numel: int, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
-    """A zero-filled 1-D host buffer of `numel` elements, for an adapter's host copy (which every load
-    adds to the host tier, so it is fresh memory the process never touched). A large one is an
-    anonymous memory map made with MAP_POPULATE (Linux): the kernel maps and zeroes all its pages in
-    the one call, instead of a page fault per 4 KiB page while the copy first writes it, which costs
-    twice as much (more in a VM: ~2 us per fault, ~5 ms per 10 MB). Pinned memory (CUDA) comes from
-    torch. The map is unmapped when the last tensor viewing it is freed."""
+def _host_buffer(
+    numel: int, dtype: torch.dtype, pin_memory: bool, memory: HostMemory | None = None, zero: bool = True
+) -> torch.Tensor:
+    """A 1-D host buffer of `numel` elements for an adapter's host copy, zero-filled unless zero=False.
+    Every load adds such copies to the host tier, so without `memory` this is memory the process never
+    touched, paid for with a page fault per 4 KiB page (several ms per 10 MB, ten times that in some
+    VMs): a large buffer then comes from HostMemory, which recycles the blocks of host copies that were
+    freed and keeps some populated ahead (see host_memory.py), or without it from a memory map of its
+    own made with MAP_POPULATE (one call instead of a fault per page). Pinned memory (CUDA) comes from
+    torch, whose pinned allocator caches blocks itself."""
     nbytes = numel * dtype.itemsize
-    if pin_memory or nbytes < HOST_MMAP_MIN_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+    if pin_memory or nbytes < HOST_MMAP_MIN_BYTES or not POOLED:
         return torch.zeros(numel, dtype=dtype, pin_memory=pin_memory)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=_MAP_FLAGS), dtype=dtype, count=numel)
+    if memory is None:
+        return torch.frombuffer(mmap.mmap(-1, nbytes, flags=MAP_FLAGS), dtype=dtype, count=numel)
+    return memory.take(nbytes, zero=zero).view(dtype)
 
 
 def load_peft_adapter(
@@ -350,10 +355,12 @@ def load_peft_adapter(
     *,
     pin_memory: bool = False,
     with_rows: bool = False,
+    memory: HostMemory | None = None,
 ) -> LoraAdapter:
     """Parse and validate one adapter directory. Raises an AdapterError subclass naming the adapter.
     pin_memory: place the host copy in page-locked memory (CUDA). with_rows: keep the transposed copy
-    too (AdapterWeights.rows), for slots with CPU row tables."""
+    too (AdapterWeights.rows), for slots with CPU row tables. memory: where the host copies' buffers
+    come from (see _host_buffer)."""
     cfg = read_adapter_config(name, path)
     _check_config(name, cfg, base, max_rank)
     weights_path = path / WEIGHTS_FILE
@@ -375,7 +382,7 @@ def load_peft_adapter(
         digest.part(len(config_bytes))
         digest.feed(config_bytes)
         _, raw = _read_tensors(name, weights_path, digest)  # the views are only read: the digest's bytes
-        weights = _host_copy(name, cfg, raw, base, max_rank, dtype, pin_memory, with_rows)
+        weights = _host_copy(name, cfg, raw, base, max_rank, dtype, pin_memory, with_rows, memory)
     finally:
         hexdigest = digest.result()  # also on errors: the read buffer is reused by this thread's next read
     return LoraAdapter(
@@ -400,6 +407,7 @@ def _host_copy(
     dtype: torch.dtype,
     pin_memory: bool,
     with_rows: bool,
+    memory: HostMemory | None,
 ) -> AdapterWeights:
     """Validate the file's tensors against the base model and build the host copy (see AdapterWeights)."""
     pairs: dict[tuple[int, str], dict[str, tuple[torch.Tensor, tuple[int, ...]]]] = {}
@@ -452,7 +460,8 @@ def _host_copy(
         full = len(layers) == num_layers and all(r == r_m for _, _, r, _ in layers.values())
         layout.append((module, total, full, (num_layers, r_m, in_f), (num_layers, out_f, r_m)))
         total += num_layers * r_m * (in_f + out_f)
-    host = _host_buffer(total, dtype, pin_memory)  # zero: so is the padding (lower ranks, untargeted layers)
+    # zero unless every module kind fills its whole buffer: padding (lower ranks, untargeted layers) is zero
+    host = _host_buffer(total, dtype, pin_memory, memory, zero=not all(full for _, _, full, _, _ in layout))
     stacked = {}
     for module, offset, full, a_shape, b_shape in layout:
         a_numel = math.prod(a_shape)
@@ -466,12 +475,15 @@ def _host_copy(
         layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     if with_rows:
-        weights.rows = transposed_rows(weights, pin_memory)  # not None: nothing to stop it
+        weights.rows = transposed_rows(weights, pin_memory, memory=memory)  # not None: nothing to stop it
     return weights
 
 
 def transposed_rows(
-    weights: AdapterWeights, pin_memory: bool = False, go_on: Callable[[], bool] | None = None
+    weights: AdapterWeights,
+    pin_memory: bool = False,
+    go_on: Callable[[], bool] | None = None,
+    memory: HostMemory | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """The AdapterWeights.rows layout of `weights` (module -> contiguous (A^T, B^T) of all layers), views
     of one buffer (see _host_buffer). `go_on` is asked before each module (it may wait); None when it
@@ -479,7 +491,8 @@ def transposed_rows(
     tensors = [t for ab in weights.stacked.values() for t in ab]
     if not tensors:
         return {}
-    buf = _host_buffer(sum(t.numel() for t in tensors), tensors[0].dtype, pin_memory)
+    # every element is written below: no need to zero a recycled buffer
+    buf = _host_buffer(sum(t.numel() for t in tensors), tensors[0].dtype, pin_memory, memory, zero=False)
     rows, offset = {}, 0
     for module, ab in weights.stacked.items():
         if go_on is not None and not go_on():

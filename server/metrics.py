@@ -385,6 +385,11 @@ def _cache_metrics(stats: dict) -> Iterator[Metric]:
     )
     yield _gauge("loraplex_adapters_loading", "Adapter loads in progress", stats.get("loading", 0))
     yield _gauge("loraplex_device_slots", "Device adapter slots", stats["device"]["slots"])
+    yield _gauge(
+        "loraplex_adapter_host_free_bytes",
+        "Host memory of freed host-tier copies kept for the next loads (within the host budget)",
+        stats.get("host_free_bytes", 0),
+    )
     for key, name, doc in (
         (
             "load_seconds",
