@@ -5,6 +5,12 @@
    when slot_of() answers. Next to it, the floor: safetensors.torch.load_file of the same files; and
    PEFT's `load_adapter` on a transformers model for a rank-16 adapter.
 2. Host-tier hit: an adapter evicted from its device slot but still on host -> resident in a slot again.
+   Ranks go in the order r8, r16, r64, r8, ... and slots are taken least recently used first, so every
+   r16 hit replaces an r64 adapter (its ranks 16..63 are zeroed too) and every r64 hit an r8: the
+   costlier cases.
+2b. Cold again: every measured adapter unloaded (host and slot), then loaded from disk again as in 1.
+   The host tier recycles the freed copies' memory (adapter_cache/host_memory.py), as a server's host
+   tier does once its adapters turn over; the first pass takes memory the process never touched.
 3. Time per output token (TPOT) of 16 running requests over 4 resident adapters (ignore_eos, 64 tokens)
    while 20 cold adapters load in the background, against the same run with no loads, alternating in
    rounds in one process. TPOT per request = (finish - first token) / (tokens - 1), timestamped while
@@ -379,7 +385,7 @@ def main() -> None:
         # Ranks interleaved (r8, r16, r64, r8, ...): a busy spell of the shared machine hits every rank alike.
         order = [(r, by_rank[r][i]) for i in range(args.per_rank) for r in RANKS]
         samples: dict[str, dict[int, list[float]]] = {
-            k: {r: [] for r in RANKS} for k in ("cold", "to_host", "raw", "hit")
+            k: {r: [] for r in RANKS} for k in ("cold", "to_host", "raw", "hit", "cold_again")
         }
         for r, name in order:
             before_read(name)
@@ -396,6 +402,12 @@ def main() -> None:
         for r, name in order:
             samples["hit"][r].append(host_hit(engine, name))
         host_bytes = {row["name"]: row["bytes"] for row in engine.adapter_cache.list()}
+        for _, name in order:
+            engine.adapter_cache.unload(name)
+        engine.adapter_cache.install_ready()  # zeroes the freed slots, as the step thread would
+        for r, name in order:
+            before_read(name)
+            samples["cold_again"][r].append(cold_load(engine, name)[1])
         rows = [
             dict(
                 rank=r,
@@ -405,6 +417,7 @@ def main() -> None:
                 cold_to_host=summary_ms(samples["to_host"][r]),
                 raw_read=summary_ms(samples["raw"][r]),
                 host_hit=summary_ms(samples["hit"][r]),
+                cold_again=summary_ms(samples["cold_again"][r]),
                 samples_ms={k: [x * 1e3 for x in v[r]] for k, v in samples.items()},
             )
             for r in RANKS
@@ -471,16 +484,18 @@ def print_report(rows: list[dict], peft: dict | None, tpot: dict | None, disk: s
         f"load average (1 min) {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end"
     )
     print(
-        f"{'rank':>4s} {'file MB':>7s} {'host MB':>7s} | {'cold->slot med':>14s} {'p90':>6s} | {'(to host med)':>13s} | {'raw read med':>12s} {'p90':>6s} | {'host hit med':>12s} {'p90':>6s}"
+        f"{'rank':>4s} {'file MB':>7s} {'host MB':>7s} | {'cold->slot med':>14s} {'p90':>6s} | {'(to host med)':>13s} | {'raw read med':>12s} {'p90':>6s} | {'host hit med':>12s} {'p90':>6s} | {'cold again med':>14s} {'p90':>6s}"
     )
     for r in rows:
-        c, h, raw, hit = r["cold"], r["cold_to_host"], r["raw_read"], r["host_hit"]
+        c, h, raw, hit, again = r["cold"], r["cold_to_host"], r["raw_read"], r["host_hit"], r["cold_again"]
         print(
             f"{r['rank']:4d} {r['file_mb']:7.1f} {r['host_mb']:7.1f} | {c['median_ms']:11.1f} ms {c['p90_ms']:6.1f} | {h['median_ms']:10.1f} ms | "
-            f"{raw['median_ms']:9.1f} ms {raw['p90_ms']:6.1f} | {hit['median_ms']:9.2f} ms {hit['p90_ms']:6.2f}"
+            f"{raw['median_ms']:9.1f} ms {raw['p90_ms']:6.1f} | {hit['median_ms']:9.2f} ms {hit['p90_ms']:6.2f} | "
+            f"{again['median_ms']:11.1f} ms {again['p90_ms']:6.1f}"
         )
     print(
-        f"(n = {args.per_rank} adapters per rank; times in ms; raw read = safetensors.torch.load_file of the same files, the floor)"
+        f"(n = {args.per_rank} adapters per rank; times in ms; raw read = safetensors.torch.load_file of the same files, the floor;\n"
+        " host hit: r16 replaces an r64 adapter, r64 an r8; cold again: the same loads after unloading them all)"
     )
     if peft is not None:
         print(
@@ -488,12 +503,15 @@ def print_report(rows: list[dict], peft: dict | None, tpot: dict | None, disk: s
         )
     r16 = next(r for r in rows if r["rank"] == 16)
     worst_hit = max(r["host_hit"]["median_ms"] for r in rows)
-    print("\ntargets (issue 4):")
+    hit16 = r16["host_hit"]["median_ms"]
+    print("\ntargets (issue 15: rank 16; issue 4: every rank):")
     print(
         f"  cold load median, rank 16 <= {TARGETS['cold_median_ms_r16']:.0f} ms: {r16['cold']['median_ms']:.1f} ms  {verdict(r16['cold']['median_ms'] <= TARGETS['cold_median_ms_r16'])}"
+        f" (cold again: {r16['cold_again']['median_ms']:.1f} ms  {verdict(r16['cold_again']['median_ms'] <= TARGETS['cold_median_ms_r16'])})"
     )
     print(
-        f"  host hit (median, every rank) <= {TARGETS['host_hit_ms']:.0f} ms: worst {worst_hit:.2f} ms  {verdict(worst_hit <= TARGETS['host_hit_ms'])}"
+        f"  host hit median, rank 16 <= {TARGETS['host_hit_ms']:.0f} ms: {hit16:.2f} ms  {verdict(hit16 <= TARGETS['host_hit_ms'])}"
+        f" (every rank: worst {worst_hit:.2f} ms  {verdict(worst_hit <= TARGETS['host_hit_ms'])})"
     )
     if tpot is not None:
         base, loaded = tpot["no loads"], tpot["with loads"]
