@@ -103,8 +103,7 @@ class HostMemory:
         with self._lock:
             self._collect()
             for block in self._free:
-                self._mapped -= len(block)
-                block.close()
+                self._unmap(block)
             self._free.clear()
 
     def close(self) -> None:
@@ -121,14 +120,20 @@ class HostMemory:
         while self._returned:
             block = self._returned.popleft()
             if self._closed:
-                self._mapped -= len(block)
-                block.close()
+                self._unmap(block)
             else:
                 self._free.append(block)
         while self._free and self._mapped > self.budget_bytes:
-            block = self._free.pop(0)
-            self._mapped -= len(block)
+            self._unmap(self._free.pop(0))
+
+    def _unmap(self, block: mmap.mmap) -> None:
+        """(lock held) Stop counting `block` and unmap it (if something still exported it, which the
+        finalizer order rules out, dropping our reference leaves the unmapping to its last user)."""
+        self._mapped -= len(block)
+        try:
             block.close()
+        except BufferError:
+            pass
 
     def _best_fit(self, size: int) -> mmap.mmap | None:
         fits = [b for b in self._free if size <= len(b) <= 2 * size]
