@@ -13,8 +13,10 @@ HostMemory hands out populated buffers and keeps those the host tier lets go:
   call). take() views it through a memoryview; when the last tensor viewing it is freed (whoever held
   it: the host tier, an install, the transposing thread) a weakref finalizer puts the block back on
   the free list instead of unmapping it. A block is never handed out while a tensor views it.
-- take() reuses a free block of at least the size asked and at most twice it (best fit), zeroed when
-  asked; else it maps a new one.
+- take() reuses a free block of at least the size asked and at most MAX_WASTE more (best fit: host
+  copies of one adapter shape have one size, so most reuse is exact; the host tier counts the size
+  asked, and the bound keeps what the blocks really hold close to it), zeroed when asked; else it
+  maps a new one.
 - Free blocks are kept while all blocks (in use + free) stay within the byte budget (the host tier's:
   what the operator allows host copies to take); above it the oldest free blocks are unmapped.
 
@@ -47,6 +49,8 @@ class HostMemoryStats:
 
 class HostMemory:
     """Recycled, populated host buffers within a byte budget (see the module docstring). Thread-safe."""
+
+    MAX_WASTE = 0.25  # a reused block is at most this much larger than asked
 
     def __init__(self, budget_bytes: int) -> None:
         if budget_bytes < 0:
@@ -136,5 +140,5 @@ class HostMemory:
             pass
 
     def _best_fit(self, size: int) -> mmap.mmap | None:
-        fits = [b for b in self._free if size <= len(b) <= 2 * size]
+        fits = [b for b in self._free if size <= len(b) <= size * (1 + self.MAX_WASTE)]
         return min(fits, key=len, default=None)
