@@ -186,6 +186,7 @@ class DeviceModel:
                     tensors += [fused.packed, getattr(fused, "bias", None)]  # FusedPacked or MergedPacked
                 for stack in list(lin.slots.stack_cache.values()):  # list(): one atomic read of the dict
                     tensors += [stack.a, stack.bt]
+                tensors += [compact.a for compact in list(lin.slots.rows_cache.values())]
         tensors += [t for kv in runner.kv_caches for t in kv]
         return _storage_bytes(t for t in tensors if t is not None)
 

@@ -20,7 +20,10 @@ cheapest per step and shape:
                   grouped), the other tokens one stacked pass (as stacked), so the chunk's many tokens
                   are not multiplied by every other adapter
     rows          embedding_bag reads each token's own A and B rows in place from the row tables: only
-                  the bytes of the adapters used (decode steps: many adapters, few tokens each)
+                  the bytes of the adapters used (decode steps: many adapters, few tokens each). Where the
+                  step's adapters are of lower rank than the slots, A is read from a compact copy of
+                  the active slots' A rows at the step's largest true rank (cached per active set, as
+                  the stacked copy): the slots' table holds r_max columns per slice, mostly zeros then
 
 The stacked copy (StackedAB), shared by grouped and stacked: the step's active adapters' A rows and B
 columns at their TRUE rank, for only the slices each adapter targets, side by side (slot after slot), and
@@ -66,6 +69,7 @@ from .cpu_plan import (
     choose_plan,
     fused_packed_cost,
     plan_cost,
+    rows_width,
     split_big,
     true_rank,
 )
@@ -217,6 +221,8 @@ def lora_linear_cpu(
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
     ks = active.ks(meta)
+    rows_key = (key, max(true_rank(r, r_max) for r in meta.slot_ranks_list))  # its compact A table's
+    rows_cached = rows_key in slots.rows_cache
     if plan is None:
         cached = key in slots.stack_cache
         fused = isinstance(copy, FusedPacked)
@@ -224,7 +230,7 @@ def lora_linear_cpu(
         # packed W fuses through the fused packed copy (fused-packed)
         plan = choose_plan(
             x.shape[0], shape, meta, ks, cached, slots.rows is not None, can_fuse=packed is None,
-            fused_packed=fused, fig=fig,
+            fused_packed=fused, fig=fig, rows_cached=rows_cached,
         )  # fmt: skip
         # a set's copy is never replaced by another copy of the same set (steps with and without base-only
         # rows would trade a merged and a fused copy back and forth)
@@ -232,7 +238,7 @@ def lora_linear_cpu(
         can_make = copy is None and packed is not None and fig is not None and (merge or len(active.slots) <= FUSE_MAX_ADAPTERS)
         held = _steps_held(slots, key, meta) if can_make else 0
         if held >= FUSE_AFTER_STEPS and fig is not None and meta.cache.get("copy-seconds", 0.0) < COPY_STEP_SECONDS:
-            now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
+            now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig, rows_cached)
             fused_saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)
             # per step like this one; merged costs nothing beyond the base matmul
             saving = now if merge else fused_saving
@@ -255,7 +261,16 @@ def lora_linear_cpu(
     y = base_linear(x, weight, bias, packed)  # [num_tokens, out_total]
     if plan == "rows":
         assert slots.rows is not None, "the rows strategy needs the row tables"
-        delta_rows(y, x, slots.rows, slots.slice_offsets, meta)
+        width = rows_width(shape, meta, len(active.slots), rows_cached, fig)
+        compact = None
+        if width < r_max:
+            compact = slots.rows_cache.pop(rows_key, None)  # re-inserted: the most recent set last
+            if compact is None:
+                compact = compact_rows(slots.rows.a, active.slots, lora_a.shape[3], num_slices, r_max, width)
+                while len(slots.rows_cache) >= STACK_CACHE_ENTRIES:
+                    slots.rows_cache.pop(next(iter(slots.rows_cache)))
+            slots.rows_cache[rows_key] = compact
+        delta_rows(y, x, slots.rows, slots.slice_offsets, meta, compact)
     else:
         big = split_big(shape, meta, ks, fig) if plan == "split" else ()
         apply_stacked(plan, y, x, stack_of(slots, active), meta, big)
@@ -284,7 +299,9 @@ def lora_delta_cpu(
         strategy = choose_delta(shape, meta, active.ks(meta), False, rows is not None, figures)
     if strategy == "rows":
         assert rows is not None, "the rows strategy needs the row tables"
-        delta_rows(y, x, rows, slice_offsets, meta)
+        width = rows_width(shape, meta, len(active.slots), False, figures)
+        compact = None if width == r_max else compact_rows(rows.a, active.slots, lora_a.shape[3], num_slices, r_max, width)
+        delta_rows(y, x, rows, slice_offsets, meta, compact)
     else:
         big = split_big(shape, meta, active.ks(meta), figures) if strategy == "split" else ()
         apply_stacked(strategy, y, x, build_stack(lora_a, lora_b, slice_offsets, active), meta, big)
@@ -501,41 +518,74 @@ def delta_grouped(
     y.index_add_(0, meta.sorted_idx, delta)
 
 
+class CompactRows(NamedTuple):
+    """The rows strategy's A table for one active set: the active slots' A rows at `width` columns per
+    slice (their true ranks; the slots' own table has r_max), block j = slots[j] (see compact_rows)."""
+
+    a: torch.Tensor  # [len(slots) * in, num_slices * width]
+    slots: tuple[int, ...]
+    width: int
+
+
+def compact_rows(
+    rows_a: torch.Tensor, slots: tuple[int, ...], in_f: int, num_slices: int, r_max: int, width: int
+) -> CompactRows:
+    """One gathering copy of `slots`' rows of the A row table (rows_a: [num_slots * in, num_slices * r_max])
+    keeping the first `width` columns of each slice (above the slots' true ranks they hold zeros)."""
+    table = rows_a.view(-1, in_f, num_slices, r_max)[:, :, :, :width]
+    picked = table.index_select(0, torch.tensor(slots, device=rows_a.device))  # [len(slots), in, slices, width]
+    return CompactRows(picked.view(len(slots) * in_f, num_slices * width), slots, width)
+
+
 class _RowIndex:
     """Index arrays of the rows strategy for one step and shape. Bags follow token order; a base-only
-    token gets empty bags (embedding_bag's sum of nothing: a zero row).
+    token (or, with a compact A table, a token whose slot has nothing for this linear) gets empty bags
+    (embedding_bag's sum of nothing: a zero row).
 
-    Running example: token_slot = [2, -1, 0], in_f = 3, num_slices = 2, r_max = 2, ranks: slot 0 -> 1, slot 2 -> 2
-      a_idx = [6, 7, 8, 0, 1, 2]   rows s * in_f + i of the A table, token by token
+    Running example: token_slot = [2, -1, 0], in_f = 3, num_slices = 2, r_max = 2, ranks: slot 0 -> 1,
+    slot 2 -> 2, the slots' own A table (block = slot, width = r_max)
+      a_idx = [6, 7, 8, 0, 1, 2]   rows block * in_f + i of the A table, token by token
       a_off = [0, 3, 3]            token 1 has an empty bag
       b_idx = [4, 5, 0]            rows s * r_max + k of each slice's B table, k < the slot's rank
       b_off = [0, 2, 2]
       h_idx = [[0, 1, 8], [2, 3, 10]]   per slice j: where each b_idx weight sits in h.view(-1) (h [3, 2 * 2])
-      lora_rows = None             token indices with a slot, or None when every token has one
+      lora_rows = None             token indices with A bags, or None when every token has them
+    With a compact table of blocks (slot 0, slot 2) and width 2 the blocks become 1 and 0: a_idx = [3, 4,
+    5, 0, 1, 2]; the rest is the same (width = r_max here). A rank above the width is cut to it: A holds
+    zeros there.
     """
 
-    def __init__(self, meta: LoraMeta, in_f: int, num_slices: int, r_max: int) -> None:
+    def __init__(
+        self, meta: LoraMeta, in_f: int, num_slices: int, r_max: int, compact: CompactRows | None = None
+    ) -> None:
         slot = meta.token_slot  # [num_tokens]
         dev = slot.device
-        is_lora = slot >= 0
-        rows = is_lora.nonzero().view(-1)  # [num_lora_tokens] token indices, in token order
+        width = r_max if compact is None else compact.width
+        block = slot  # the token's block of in_f rows in the A table
+        if compact is not None:
+            pos = torch.full((max(meta.slot_ids_list[-1], *compact.slots) + 1,), -1, dtype=torch.int64)
+            pos[list(compact.slots)] = torch.arange(len(compact.slots))
+            block = torch.where(slot >= 0, pos.to(dev).index_select(0, slot.clamp(min=0)), -1)
+        has = block >= 0
+        rows = has.nonzero().view(-1)  # [num_a_tokens] token indices, in token order
         slot_l = slot.index_select(0, rows)
+        block_l = block.index_select(0, rows)
         rank_of = torch.zeros(meta.slot_ids_list[-1] + 1, dtype=torch.int64)
-        rank_of[meta.slot_ids_list] = torch.tensor([true_rank(r, r_max) for r in meta.slot_ranks_list])
-        rank_l = rank_of.to(dev).index_select(0, slot_l)  # [num_lora_tokens]
+        rank_of[meta.slot_ids_list] = torch.tensor([min(true_rank(r, r_max), width) for r in meta.slot_ranks_list])
+        rank_l = rank_of.to(dev).index_select(0, slot_l)  # [num_a_tokens]
 
         def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
             return torch.cumsum(counts, 0) - counts
 
-        self.a_idx = (slot_l[:, None] * in_f + torch.arange(in_f, device=dev)).view(-1)
-        self.a_off = exclusive_cumsum(is_lora.to(torch.int64) * in_f)
-        k = torch.arange(r_max, device=dev)
-        keep = (k[None, :] < rank_l[:, None]).view(-1)  # [num_lora_tokens * r_max]
+        self.a_idx = (block_l[:, None] * in_f + torch.arange(in_f, device=dev)).view(-1)
+        self.a_off = exclusive_cumsum(has.to(torch.int64) * in_f)
+        k = torch.arange(width, device=dev)
+        keep = (k[None, :] < rank_l[:, None]).view(-1)  # [num_a_tokens * width]
         self.b_idx = (slot_l[:, None] * r_max + k).view(-1)[keep]
         self.b_off = exclusive_cumsum(torch.zeros_like(slot).index_put_((rows,), rank_l))
-        h_idx0 = (rows[:, None] * (num_slices * r_max) + k).view(-1)[keep]
-        self.h_idx = [h_idx0 + j * r_max for j in range(num_slices)]
-        self.lora_rows = None if meta.num_lora_tokens == meta.num_tokens else rows
+        h_idx0 = (rows[:, None] * (num_slices * width) + k).view(-1)[keep]
+        self.h_idx = [h_idx0 + j * width for j in range(num_slices)]
+        self.lora_rows = None if rows.numel() == meta.num_tokens else rows
 
 
 def delta_rows(
@@ -544,6 +594,7 @@ def delta_rows(
     rows: RowTables,  # a: [num_slots * in, num_slices * r_max]; b: per slice [num_slots * r_max, width]
     slice_offsets: list[int],
     meta: LoraMeta,
+    compact: CompactRows | None = None,  # read A from this instead of rows.a (see compact_rows)
 ) -> None:
     """y += delta with each token's own rows read in place: h[t] = sum_i x[t, i] * A_table[s * in + i]
     (one embedding_bag weighted by x), then per slice y[t, slice] += sum_k h[t, slice, k] *
@@ -551,14 +602,15 @@ def delta_rows(
     num_slices = len(slice_offsets) - 1
     in_f = x.shape[1]
     r_max = rows.a.shape[1] // num_slices
-    key = ("rows", in_f, num_slices, r_max)
+    key = ("rows", in_f, num_slices, r_max, None if compact is None else (compact.slots, compact.width))
     idx = meta.cache.get(key)
     if idx is None:
-        idx = meta.cache[key] = _RowIndex(meta, in_f, num_slices, r_max)
+        idx = meta.cache[key] = _RowIndex(meta, in_f, num_slices, r_max, compact)
     xs = x if idx.lora_rows is None else x.index_select(0, idx.lora_rows)  # the shrink's weights
+    a_table = rows.a if compact is None else compact.a
     # torch.embedding_bag (F.embedding_bag without its Python checks: the indices are ours), mode 0 = sum
-    h = torch.embedding_bag(rows.a, idx.a_idx, idx.a_off, False, 0, False, xs.reshape(-1))[0]
-    h_flat = h.view(-1)  # h: [num_tokens, num_slices * r_max]
+    h = torch.embedding_bag(a_table, idx.a_idx, idx.a_off, False, 0, False, xs.reshape(-1))[0]
+    h_flat = h.view(-1)  # h: [num_tokens, num_slices * width]
     for j in range(num_slices):
         weights = h_flat.index_select(0, idx.h_idx[j])
         delta = torch.embedding_bag(rows.b[j], idx.b_idx, idx.b_off, False, 0, False, weights)[0]

@@ -102,6 +102,7 @@ class LoraSlots:
         self.slice_ranks: list[list[int]] = [[0] * num_slices for _ in range(num_slots)]
         self.versions: list[int] = [0] * num_slots
         self.stack_cache: dict = {}  # the CPU stacked strategy's copies of the active slots (cpu_lora.py)
+        self.rows_cache: dict = {}  # the CPU rows strategy's compact A tables of active sets (cpu_lora.py)
         # CPU merged / fused-packed plans (cpu_lora.py): the one packed copy of an active set (a MergedPacked
         # W + B A, or a FusedPacked [W; A_stack]) and the (active set, steps in a row) count that decides
         # when to make one

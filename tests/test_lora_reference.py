@@ -8,7 +8,7 @@ import torch
 
 from loraplex.kernels import LoraSlots, build_lora_meta, lora_delta_cpu
 from loraplex.kernels.cpu_lora import active_here, lora_linear_cpu, stack_of
-from loraplex.kernels.cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs
+from loraplex.kernels.cpu_plan import CostFigures, LinearShape, choose_plan, delta_costs, rows_width
 from loraplex.kernels.lora_slots import row_tables
 from loraplex.kernels.reference import lora_delta_loop
 
@@ -96,6 +96,62 @@ def test_rows_strategy_skips_rank_padding_and_is_chosen_for_decode():
     prefill = build_lora_meta([3] * 300 + [9] * 200, [16] * 32)  # long prompts of two adapters
     costs = delta_costs(qkv, prefill, (48, 48), True, True, EXAMPLE_FIGURES)
     assert min(costs, key=costs.__getitem__) == "grouped", costs
+
+
+def test_rows_reads_a_from_a_compact_table_at_the_steps_rank():
+    """Adapters of rank <= 3 in slots of r_max 8: the rows strategy reads A from a compact copy of the
+    active slots' A rows at width 3 (garbage in the slots' own table past it changes nothing), a token
+    whose adapter has nothing for this linear gets nothing, the copy is kept for the same active set and
+    made anew after a slot write; rows_width falls back to r_max when the step's rank fills the slots."""
+    slices, r_max, in_f, num_slots = [12, 6, 6], 8, 10, 6
+    offsets = _offsets(slices)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(sum(slices), in_f, generator=g, dtype=torch.float64)
+    slots = LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=True)
+    a = torch.zeros(num_slots, 3, r_max, in_f, dtype=torch.float64)
+    b = torch.zeros(num_slots, sum(slices), r_max, dtype=torch.float64)
+    slice_ranks = {0: [3, 3, 3], 2: [2, 0, 1], 3: [1, 1, 1], 5: [0, 0, 0]}  # 5: targets other linears only
+    for s, per in slice_ranks.items():
+        per_slice = []
+        for i, r in enumerate(per):
+            a[s, i, :r] = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+            b[s, offsets[i] : offsets[i + 1], :r] = torch.randn(slices[i], r, generator=g, dtype=torch.float64)
+            per_slice.append((a[s, i, :r], b[s, offsets[i] : offsets[i + 1], :r]) if r else None)
+        slots.write(s, per_slice)
+    assert slots.rows is not None
+    slots.rows.a.view(num_slots, in_f, 3, r_max)[:, :, :, 3:] = 1e6  # past width 3: must not be read
+    token_slot = [0, 3, -1, 5, 2, 0, 3, 2, 5]
+    ranks = [3, 0, 2, 1, 0, 2]  # the adapters' ranks (slot 5's adapter has rank 2 elsewhere)
+    x = torch.randn(len(token_slot), in_f, generator=g, dtype=torch.float64)
+    want = _expected(x, x @ w.T, a, b, offsets, token_slot)
+    y = lora_linear_cpu(x, w, None, None, slots, build_lora_meta(token_slot, ranks), plan="rows")
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    assert len(slots.rows_cache) == 1
+    (compact,) = slots.rows_cache.values()
+    assert compact.width == 3 and compact.slots == (0, 2, 3) and compact.a.shape == (3 * in_f, 3 * 3)
+    y = lora_linear_cpu(x, w, None, None, slots, build_lora_meta(token_slot, ranks), plan="rows", figures=EXAMPLE_FIGURES)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    assert list(slots.rows_cache.values()) == [compact]  # the same set: the same copy (cached, so it pays)
+    new_a = torch.randn(1, in_f, generator=g, dtype=torch.float64)
+    new_b = torch.randn(slices[1], 1, generator=g, dtype=torch.float64)
+    slots.write(3, [None, (new_a, new_b), None])
+    a[3], b[3] = 0, 0
+    a[3, 1, :1], b[3, offsets[1] : offsets[2], :1] = new_a, new_b
+    y = lora_linear_cpu(x, w, None, None, slots, build_lora_meta(token_slot, ranks), plan="rows")
+    torch.testing.assert_close(y, _expected(x, x @ w.T, a, b, offsets, token_slot), rtol=1e-10, atol=1e-10)
+    newest = list(slots.rows_cache.values())[-1]  # the old set's copy stays until evicted (two kept)
+    assert len(slots.rows_cache) == 2 and newest is not compact and newest.slots == (0, 2, 3)
+
+    qkv = LinearShape(out_total=960, num_slices=3, r_max=64, in_features=576, elem=2)
+    decode = build_lora_meta(list(range(0, 16, 2)) * 4, [16] * 16)  # 32 tokens over 8 rank-16 adapters
+    assert rows_width(qkv, decode, 8, False, EXAMPLE_FIGURES) == 16
+    assert rows_width(qkv, decode, 8, False, None) == 16
+    full = build_lora_meta(list(range(0, 16, 2)) * 4, [16] * 14 + [64, 16])  # slot 14 holds a rank-64 adapter
+    assert rows_width(qkv, full, 8, True, EXAMPLE_FIGURES) == 64
+    costs = delta_costs(qkv, decode, (48,) * 8, False, True, EXAMPLE_FIGURES)
+    cached = delta_costs(qkv, decode, (48,) * 8, False, True, EXAMPLE_FIGURES, rows_cached=True)
+    padded = delta_costs(qkv, full, (48,) * 8, False, True, EXAMPLE_FIGURES)
+    assert cached["rows"] < costs["rows"] < padded["rows"]  # the copy priced until made; r_max reads more
 
 
 def test_single_slot_full_batch_skips_gather():
@@ -266,14 +322,15 @@ def test_stacked_copy_is_reused_until_a_slot_is_rewritten():
 def test_split_serves_a_prompt_chunk_next_to_decodes():
     """A step with a 150-token prompt chunk of one adapter and 15 decode tokens of six others (what a
     busy server runs): "split" gives the chunk its own matmul pair and the decodes one stacked pass, is
-    the cheapest under the example figures, and equals the loop; without the chunk it is not chosen."""
+    the cheapest of the matmul strategies under the example figures (without row tables), and equals the
+    loop; without the chunk it is not chosen."""
     qkv = LinearShape(out_total=960, num_slices=3, r_max=64, in_features=576, elem=2)
     decodes = [1 + t % 6 for t in range(15)]
     mixed = build_lora_meta(decodes[:7] + [0] * 150 + decodes[7:], [16] * 8)
-    costs = delta_costs(qkv, mixed, (48,) * 7, False, True, EXAMPLE_FIGURES)
+    costs = delta_costs(qkv, mixed, (48,) * 7, False, False, EXAMPLE_FIGURES)
     assert min(costs, key=costs.__getitem__) == "split", costs
     decode_only = build_lora_meta(decodes, [16] * 8)
-    costs = delta_costs(qkv, decode_only, (48,) * 6, True, True, EXAMPLE_FIGURES)
+    costs = delta_costs(qkv, decode_only, (48,) * 6, True, False, EXAMPLE_FIGURES)
     assert min(costs, key=costs.__getitem__) != "split", costs
 
     x, y, a, b, _, ranks = _case(40, 5, [12, 4, 4], 4, 9, 11)
