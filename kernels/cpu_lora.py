@@ -221,7 +221,8 @@ def lora_linear_cpu(
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
     ks = active.ks(meta)
-    rows_key = (key, max(true_rank(r, r_max) for r in meta.slot_ranks_list))  # its compact A table's
+    width_here = max(max(ranks) for ranks in active.ranks)  # this linear's largest true rank in the step
+    rows_key = (key, width_here)  # its compact A table's
     rows_cached = rows_key in slots.rows_cache
     if plan is None:
         cached = key in slots.stack_cache
@@ -230,7 +231,7 @@ def lora_linear_cpu(
         # packed W fuses through the fused packed copy (fused-packed)
         plan = choose_plan(
             x.shape[0], shape, meta, ks, cached, slots.rows is not None, can_fuse=packed is None,
-            fused_packed=fused, fig=fig, rows_cached=rows_cached,
+            fused_packed=fused, fig=fig,
         )  # fmt: skip
         # a set's copy is never replaced by another copy of the same set (steps with and without base-only
         # rows would trade a merged and a fused copy back and forth)
@@ -238,7 +239,7 @@ def lora_linear_cpu(
         can_make = copy is None and packed is not None and fig is not None and (merge or len(active.slots) <= FUSE_MAX_ADAPTERS)
         held = _steps_held(slots, key, meta) if can_make else 0
         if held >= FUSE_AFTER_STEPS and fig is not None and meta.cache.get("copy-seconds", 0.0) < COPY_STEP_SECONDS:
-            now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig, rows_cached)
+            now = plan_cost(plan, x.shape[0], shape, meta, ks, cached, slots.rows is not None, fig)
             fused_saving = now - fused_packed_cost(x.shape[0], shape, meta, ks, fig)
             # per step like this one; merged costs nothing beyond the base matmul
             saving = now if merge else fused_saving
@@ -261,7 +262,7 @@ def lora_linear_cpu(
     y = base_linear(x, weight, bias, packed)  # [num_tokens, out_total]
     if plan == "rows":
         assert slots.rows is not None, "the rows strategy needs the row tables"
-        width = rows_width(shape, meta, len(active.slots), rows_cached, fig)
+        width = rows_width(shape, meta, len(active.slots), rows_cached, fig, width_here)
         compact = None
         if width < r_max:
             compact = slots.rows_cache.pop(rows_key, None)  # re-inserted: the most recent set last
@@ -299,7 +300,7 @@ def lora_delta_cpu(
         strategy = choose_delta(shape, meta, active.ks(meta), False, rows is not None, figures)
     if strategy == "rows":
         assert rows is not None, "the rows strategy needs the row tables"
-        width = rows_width(shape, meta, len(active.slots), False, figures)
+        width = rows_width(shape, meta, len(active.slots), False, figures, max(max(r) for r in active.ranks))
         compact = None if width == r_max else compact_rows(rows.a, active.slots, lora_a.shape[3], num_slices, r_max, width)
         delta_rows(y, x, rows, slice_offsets, meta, compact)
     else:

@@ -68,16 +68,14 @@ def delta_costs(
     stack_cached: bool,  # the stacked copy of this active set is already made (steady decode)
     has_rows: bool,
     fig: CostFigures,
-    rows_cached: bool = False,  # the rows strategy's compact A table of this active set is made
 ) -> dict[DeltaStrategy, float]:
     """Estimated seconds of each delta strategy (cached on meta):
     grouped   a matmul pair per adapter with something here, plus the gather / scatter of a mixed step
     stacked   2 calls (3 with the mask of a mixed step); every token times every adapter's columns
     split     long segments (a prefill) a pair each, the other tokens one stacked pass (split_big)
-    rows      when the row tables exist: embedding_bag calls and the row bytes they read (at rows_width)
-    grouped and stacked share the stacked copy: its copies are priced when it is not cached yet; so is
-    the compact A table of rows."""
-    key = ("delta-costs", *shape, ks, stack_cached, has_rows, fig, rows_cached)
+    rows      when the row tables exist: embedding_bag calls and the row bytes they read
+    grouped and stacked share the stacked copy: its copies are priced when it is not cached yet."""
+    key = ("delta-costs", *shape, ks, stack_cached, has_rows, fig)
     cached = meta.cache.get(key)
     if cached is not None:
         return cached
@@ -106,25 +104,35 @@ def delta_costs(
             (meta.seg_starts_list[i + 1] - meta.seg_starts_list[i]) * true_rank(r, r_max)
             for i, r in enumerate(meta.slot_ranks_list)
         )
-        width = rows_width(shape, meta, len(segs), rows_cached, fig)
-        row_bytes = (meta.num_lora_tokens * in_f * num_slices * width + token_ranks * out_total) * elem
-        build = 0.0 if width == r_max or rows_cached else compact_rows_seconds(shape, len(segs), width, fig)
-        costs["rows"] = build + (2 + 3 * num_slices) * fig.row_call_seconds + row_bytes / fig.row_bytes_per_second
+        # Priced at r_max columns of A even where the compact table (rows_width) is read: embedding_bag's
+        # time per row does not shrink with the row's bytes alone (measured: mixed small adapters in rank-64
+        # slots, priced at their width, moved q|k|v, o and down from stacked / fused-packed to rows and
+        # ran slower), so the narrower table only speeds up a step the plan gives to rows anyway.
+        row_bytes = (meta.num_lora_tokens * in_f * num_slices * r_max + token_ranks * out_total) * elem
+        costs["rows"] = (2 + 3 * num_slices) * fig.row_call_seconds + row_bytes / fig.row_bytes_per_second
     meta.cache[key] = costs
     return costs
 
 
 def rows_width(
-    shape: LinearShape, meta: LoraMeta, num_active: int, rows_cached: bool, fig: CostFigures | None
+    shape: LinearShape,
+    meta: LoraMeta,
+    num_active: int,
+    rows_cached: bool,
+    fig: CostFigures | None,
+    width: int | None = None,
 ) -> int:
     """Columns per slice of the A row table the rows strategy reads: r_max (the slots' own table, read in
     place), or the step's largest true rank through a compact copy of the active slots' A rows at that
     width (cpu_lora.compact_rows), when the row bytes it saves in this step pay for making the copy, or
     the copy is made already (steady decode). Adapters of rank 16 in slots of rank 64 read a quarter of
     the A bytes that way (A is most of what the rows strategy reads). Without figures: the compact copy
-    whenever it is narrower."""
+    whenever it is narrower. `width`: the largest rank of this linear's active slots, when the caller
+    knows it (else the step's adapters' ranks bound it). The plan choice prices rows at r_max regardless
+    (see delta_costs)."""
     r_max = shape.r_max
-    width = max((true_rank(r, r_max) for r in meta.slot_ranks_list), default=r_max)
+    if width is None:
+        width = max((true_rank(r, r_max) for r in meta.slot_ranks_list), default=r_max)
     if width >= r_max:
         return r_max
     if fig is None or rows_cached:
@@ -170,12 +178,11 @@ def choose_delta(
     stack_cached: bool,
     has_rows: bool,
     fig: CostFigures | None,
-    rows_cached: bool = False,
 ) -> DeltaStrategy:
     """The cheapest delta strategy under the cost model; without figures, the safe default."""
     if fig is None:
         return SAFE_DEFAULT
-    costs = delta_costs(shape, meta, ks, stack_cached, has_rows, fig, rows_cached)
+    costs = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)
     return min(costs, key=costs.__getitem__)
 
 
@@ -208,7 +215,6 @@ def plan_cost(
     stack_cached: bool,
     has_rows: bool,
     fig: CostFigures,
-    rows_cached: bool = False,
 ) -> float:
     """Estimated extra seconds of `plan` over the base matmul alone."""
     if plan == "merged":  # the merged copy is the base matmul
@@ -217,7 +223,7 @@ def plan_cost(
         return fused_single_cost(num_tokens, shape, meta, fig)
     if plan == "fused-packed":
         return fused_packed_cost(num_tokens, shape, meta, ks, fig)
-    return delta_costs(shape, meta, ks, stack_cached, has_rows, fig, rows_cached)[plan]
+    return delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
 
 
 def choose_plan(
@@ -230,7 +236,6 @@ def choose_plan(
     can_fuse: bool,
     fig: CostFigures | None,
     fused_packed: bool = False,
-    rows_cached: bool = False,
 ) -> Plan:
     """'fused-single' (the shrink rides in the base matmul: one adapter covers the whole step and W is not
     packed), 'fused-packed' (fused_packed: the packed [W; A_stack] copy of this active set exists) or the
@@ -238,11 +243,11 @@ def choose_plan(
     on meta."""
     if fig is None:
         return SAFE_DEFAULT
-    key = ("plan", *shape, ks, stack_cached, has_rows, can_fuse, fused_packed, fig, rows_cached)
+    key = ("plan", *shape, ks, stack_cached, has_rows, can_fuse, fused_packed, fig)
     plan: Plan | None = meta.cache.get(key)
     if plan is None:
-        plan = choose_delta(shape, meta, ks, stack_cached, has_rows, fig, rows_cached)
-        separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig, rows_cached)[plan]
+        plan = choose_delta(shape, meta, ks, stack_cached, has_rows, fig)
+        separate = delta_costs(shape, meta, ks, stack_cached, has_rows, fig)[plan]
         if can_fuse and meta.is_single_full and fused_single_cost(num_tokens, shape, meta, fig) < separate:
             plan = "fused-single"
         elif fused_packed and fused_packed_cost(num_tokens, shape, meta, ks, fig) < separate:
