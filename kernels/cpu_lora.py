@@ -21,9 +21,10 @@ cheapest per step and shape:
                   are not multiplied by every other adapter
     rows          embedding_bag reads each token's own A and B rows in place from the row tables: only
                   the bytes of the adapters used (decode steps: many adapters, few tokens each). Where the
-                  step's adapters are of lower rank than the slots, A is read from a compact copy of
-                  the active slots' A rows at the step's largest true rank (cached per active set, as
-                  the stacked copy): the slots' table holds r_max columns per slice, mostly zeros then
+                  linear's adapters are of lower rank than the slots, A is read from a compact copy of
+                  the active slots' A rows at their largest true rank (cached per active set, as the
+                  stacked copy; made when the bytes it saves pay for it): the slots' table holds r_max
+                  columns per slice, mostly zeros then
 
 The stacked copy (StackedAB), shared by grouped and stacked: the step's active adapters' A rows and B
 columns at their TRUE rank, for only the slices each adapter targets, side by side (slot after slot), and
@@ -53,7 +54,8 @@ a new pack of W (LoraLinear.pack) retires it.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +81,7 @@ from .meta import LoraMeta
 FUSE_AFTER_STEPS = 4  # steps in a row with one active set before its fused packed copy may be made (the first one; later ones also wait until the held steps would have repaid the previous copy's time)
 COPY_STEP_SECONDS = 0.01  # per step at most this much time goes into making fused / merged copies (the rest wait for the next steps)
 MERGE_MEMORY_HEADROOM = 512 << 20  # a merged copy is made only while this much memory stays available after it
-STACK_CACHE_ENTRIES = 2  # active sets kept per linear (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
+STACK_CACHE_ENTRIES = 2  # active sets kept per linear in stack_cache and in rows_cache (a decode set and a prefill set alternating); memory: at most twice the bytes of the slots they copy
 
 
 class StackedAB(NamedTuple):
@@ -183,17 +185,28 @@ def _cache_key(slots: LoraSlots, active: Active) -> tuple:
     return (active.slots, tuple(slots.versions[s] for s in active.slots))
 
 
-def stack_of(slots: LoraSlots, active: Active) -> StackedAB:
-    """The slots' stacked copy for this active set, from its cache or built (and cached) now."""
-    key = _cache_key(slots, active)
-    cache = slots.stack_cache
-    stack = cache.pop(key, None)
-    if stack is None:
-        stack = build_stack(slots.lora_a, slots.lora_b, slots.slice_offsets, active)
+T = TypeVar("T")
+
+
+def _cached(cache: dict, key: tuple, make: Callable[[], T]) -> T:
+    """cache[key], or make() kept there; at most STACK_CACHE_ENTRIES entries, least recently used
+    dropped first (the most recently used is last)."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
         while len(cache) >= STACK_CACHE_ENTRIES:
             cache.pop(next(iter(cache)))
-    cache[key] = stack  # most recently used last
-    return stack
+    cache[key] = value
+    return value
+
+
+def stack_of(slots: LoraSlots, active: Active) -> StackedAB:
+    """The slots' stacked copy for this active set, from its cache or built (and cached) now."""
+    return _cached(
+        slots.stack_cache,
+        _cache_key(slots, active),
+        lambda: build_stack(slots.lora_a, slots.lora_b, slots.slice_offsets, active),
+    )
 
 
 def lora_linear_cpu(
@@ -221,9 +234,6 @@ def lora_linear_cpu(
     shape = LinearShape(slots.out_total, num_slices, r_max, lora_a.shape[3], x.element_size())
     fig = figures if figures is not None else slots.figures
     ks = active.ks(meta)
-    width_here = max(max(ranks) for ranks in active.ranks)  # this linear's largest true rank in the step
-    rows_key = (key, width_here)  # its compact A table's
-    rows_cached = rows_key in slots.rows_cache
     if plan is None:
         cached = key in slots.stack_cache
         fused = isinstance(copy, FusedPacked)
@@ -262,15 +272,17 @@ def lora_linear_cpu(
     y = base_linear(x, weight, bias, packed)  # [num_tokens, out_total]
     if plan == "rows":
         assert slots.rows is not None, "the rows strategy needs the row tables"
-        width = rows_width(shape, meta, len(active.slots), rows_cached, fig, width_here)
+        rows_a = slots.rows.a
+        width_here = max(max(ranks) for ranks in active.ranks)  # this linear's largest true rank in the step
+        rows_key = (key, width_here)  # its compact A table's
+        width = rows_width(shape, meta, len(active.slots), rows_key in slots.rows_cache, fig, width_here)
         compact = None
         if width < r_max:
-            compact = slots.rows_cache.pop(rows_key, None)  # re-inserted: the most recent set last
-            if compact is None:
-                compact = compact_rows(slots.rows.a, active.slots, lora_a.shape[3], num_slices, r_max, width)
-                while len(slots.rows_cache) >= STACK_CACHE_ENTRIES:
-                    slots.rows_cache.pop(next(iter(slots.rows_cache)))
-            slots.rows_cache[rows_key] = compact
+            compact = _cached(
+                slots.rows_cache,
+                rows_key,
+                lambda: compact_rows(rows_a, active.slots, lora_a.shape[3], num_slices, r_max, width),
+            )
         delta_rows(y, x, slots.rows, slots.slice_offsets, meta, compact)
     else:
         big = split_big(shape, meta, ks, fig) if plan == "split" else ()
