@@ -515,8 +515,8 @@ _GROUPS = ("qkv", "o", "gate_up", "down")  # DecoderLayer attributes, in linears
 def write_lora_slot(
     model: CausalLM, slot: int, weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
-    """Copy one adapter into device slot `slot` of every layer; what it does not fill is zeroed, so nothing
-    of the slot's previous adapter remains.
+    """Copy one adapter into device slot `slot` of every layer; what it does not fill is zeroed (in A at
+    least: LoraSlotStack.write), so nothing of the slot's previous adapter reaches an output.
 
     weights: (layer, module) -> (A [r, in], B [out, r] scaled); empty clears the slot. An AdapterWeights
     (the host tier's layout: per module, all layers) goes in with a few large copies per module kind

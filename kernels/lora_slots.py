@@ -189,8 +189,15 @@ class LoraSlotStack:
     All buffers come from the zeros factory (lazily mapped on CPU: untouched pages cost nothing).
 
     write() puts one adapter into a slot of every layer at once: per slice one copy for A, one for B
-    and one per row table, from host copies laid out [num_layers, ...]. Slot contents above the rank
-    an earlier write left (self.extent[slot]) are known to be zero, so only [r, extent) is zeroed."""
+    and one per row table, from host copies laid out [num_layers, ...].
+
+    Above a slice's rank, what the slot's previous adapter left is zeroed on one side of each pair the
+    kernels multiply: A (weight_ext) and the row tables' B. Their partners (lora_b, the row table of A)
+    may keep the previous adapter's values there: every product that reads them takes an exact zero
+    from the other side (finite values: loads reject inf / nan), so the output equals a fresh slot's
+    to the bit, and a host hit that replaces a higher-rank adapter zeroes half the bytes. A clear
+    (unload: no slice given) zeroes everything the slot ever held. Bookkeeping per slot: above
+    extent[slot] the zeroed side is zero, above dirty[slot] every buffer is."""
 
     def __init__(
         self,
@@ -219,8 +226,10 @@ class LoraSlotStack:
                 zeros((num_layers, num_slots * in_features, num_slices * r_max), dtype, device),
                 [zeros((num_layers, num_slots * r_max, c1 - c0), dtype, device) for c0, c1 in self._slices()],
             )
-        # Per slot: every rank index >= extent[slot] is zero in every layer and slice (all buffers).
+        # Per slot: every rank index >= extent[slot] is zero in every layer and slice of A (weight_ext) and
+        # of the row tables' B; every rank index >= dirty[slot] in all buffers (see the class docstring).
         self.extent = [0] * num_slots
+        self.dirty = [0] * num_slots
         self.views: list[LoraSlots] = []  # the layers' LoraSlots viewing this stack
 
     def _slices(self) -> list[tuple[int, int]]:
@@ -248,6 +257,7 @@ class LoraSlotStack:
     def touched(self, slot: int, rank: int) -> None:
         """Someone writes slot `slot` up to rank `rank` (a per-layer LoraSlots.write, or write())."""
         self.extent[slot] = max(self.extent[slot], rank)
+        self.dirty[slot] = max(self.dirty[slot], rank)
 
     def write(
         self,
@@ -257,8 +267,10 @@ class LoraSlotStack:
     ) -> None:
         """Put one adapter into slot `slot` of every layer: per output slice i, (A [num_layers, r_i, in],
         B [num_layers, width_i, r_i] scaled) or None (not targeted in any layer). Layers an adapter does
-        not target must hold zeros there; ranks r_i..r_max and untargeted slices end up zero, so nothing
-        of the slot's previous adapter remains. The row tables follow, from rows_per_slice when given
+        not target must hold zeros there; ranks r_i..r_max and untargeted slices end up zero in A and in
+        the row tables' B, so nothing of the slot's previous adapter reaches an output (its B values
+        above the ranks may stay in lora_b and the A row table; no slice given: all zeroed, see the
+        class docstring). The row tables follow, from rows_per_slice when given
         (the same values transposed, contiguous: (A^T [num_layers, in, r_i], B^T [num_layers, r_i,
         width_i]); plain copies instead of transposing ones). Same values as LoraSlots.write of each
         layer's slices (exactly: copies)."""
@@ -279,7 +291,8 @@ class LoraSlotStack:
                 raise ValueError(f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}")
         if max(ranks) > self.r_max:
             raise ValueError(f"rank {max(ranks)} is above the slots' r_max {self.r_max}")
-        old = self.extent[slot]
+        clear = max(ranks) == 0
+        old = self.dirty[slot] if clear else self.extent[slot]  # zero [r, old) (clear: of every buffer)
         self.touched(slot, max(ranks))  # kept if a copy below fails: the next write zeroes it all
         r_max, in_f = self.r_max, self.in_features
         own_a, own_rows_a, own_rows_b = self._own(slot)
@@ -298,13 +311,17 @@ class LoraSlotStack:
                     a_t, b_t = (a.transpose(1, 2), b.transpose(1, 2)) if t_ab is None else t_ab
                     rows_a[:, :, i, :r].copy_(a_t)
                     own_rows_b[i][:, :r].copy_(b_t)
-            if r < old:  # what the previous adapter left above this rank
+            if r < old:  # what the previous adapter left above this rank: one side of each pair
                 a_slot[:, i, r:old].zero_()
-                b_slot[:, c0:c1, r:old].zero_()
                 if rows_a is not None and self.rows is not None:
-                    rows_a[:, :, i, r:old].zero_()
                     own_rows_b[i][:, r:old].zero_()
+                if clear:
+                    b_slot[:, c0:c1, r:old].zero_()
+                    if rows_a is not None and self.rows is not None:
+                        rows_a[:, :, i, r:old].zero_()
         self.extent[slot] = max(ranks)
+        if clear:
+            self.dirty[slot] = 0
         for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
             view.versions[slot] += 1

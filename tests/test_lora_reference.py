@@ -401,6 +401,14 @@ def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
             for plan in ("stacked", "grouped", "split", "rows"):  # "stacked" / "split" cached slot 1's last adapter
                 got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, p=plan, r=ranks: f"{p} {r}: {m}")
+            # fused-single multiplies slot 1's whole r_max-wide B (earlier adapters' values above the
+            # ranks after a stacked rewrite) by h from weight_ext, zero there
+            only1 = build_lora_meta([1] * len(token_slot), [r_max] * num_slots)
+            want1 = x @ ws[i].T + lora_delta_loop(x, truth_a[i], truth_b[i], offsets, [1] * len(token_slot)).delta
+            got1 = lora_linear_cpu(x, view.weight, None, None, view, only1, plan="fused-single", figures=EXAMPLE_FIGURES)
+            torch.testing.assert_close(got1, want1, rtol=1e-10, atol=1e-10, msg=lambda m, r=ranks: f"fused-single {r}: {m}")
+        if not per_layer and ranks != [4, 3]:  # a lower-rank stacked rewrite kept older values above the ranks
+            assert stack.lora_b[:, :, 1, max(ranks) :].any()
 
 
 def _bf16_slots_case(seed: int = 4):

@@ -108,3 +108,24 @@ def reference_greedy(
     top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values  # [steps, 2]
     margin = float((top2[:, 0] - top2[:, 1]).min())
     return out.sequences[0, len(prompt) :].tolist(), margin
+
+
+def live_slot_state(model) -> list[torch.Tensor]:
+    """Every slot buffer of every LoRA linear (A and W via weight_ext, B, the row tables), with lora_b and
+    the A row table cut to each slot's slice ranks: above them a rewrite may leave the previous
+    adapter's values (LoraSlotStack.write), where every product takes a zero from A (weight_ext) or
+    from the B row table, both kept whole here."""
+    out = []
+    for lin in model.lora_linears():
+        slots = lin.slots
+        assert slots is not None and lin.lora_at is not None and lin.lora_bt is not None
+        num_slots, num_slices, r_max, in_f = slots.lora_a.shape
+        b = slots.lora_b.clone()  # [num_slots, out_total, r_max]
+        at = lin.lora_at.clone().view(num_slots, in_f, num_slices, r_max)
+        for s in range(num_slots):
+            for i, r in enumerate(slots.slice_ranks[s]):
+                c0, c1 = slots.slice_offsets[i], slots.slice_offsets[i + 1]
+                b[s, c0:c1, r:] = 0
+                at[s, :, i, r:] = 0
+        out += [slots.weight_ext, b, at, *lin.lora_bt]
+    return out
