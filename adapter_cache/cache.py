@@ -21,7 +21,6 @@ being written is reserved but invisible to slot_of until the write is done).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -33,7 +32,7 @@ import torch
 from ..cpu_threads import limit_this_thread
 from ..errors import AdapterError, AdapterNotFoundError
 from .host_memory import HostMemory
-from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter, transposed_rows
+from .peft_format import AdapterWeights, BaseShapes, LoraAdapter, load_peft_adapter
 from .sources import AdapterSources
 from .stats import CacheCounters
 from .tiers import HostTier, SlotTable
@@ -43,22 +42,6 @@ log = logging.getLogger(__name__)
 # (slot, weights, rank): weights is an AdapterWeights (per module, all layers; a mapping
 # {(layer, module): (A, B)} too), written by engine.model.write_lora_slot in a few large copies
 WriteSlot = Callable[[int, AdapterWeights, int], None]
-
-
-# Scheduling priority (nice) of the thread that adds transposed host copies: the weight of a nice-10
-# thread is about a tenth of a normal one's, so it yields CPU to loads and steps and uses what is idle.
-ROWS_THREAD_NICE = 10
-
-
-def _low_priority_background_thread() -> None:
-    """Pool initializer: no OpenMP team (limit_this_thread), and a lower scheduling priority for this
-    thread alone (on Linux nice is per thread; best effort elsewhere: it only changes who waits)."""
-    limit_this_thread()
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), ROWS_THREAD_NICE))
-    except (AttributeError, OSError):  # no setpriority (Windows), or not allowed
-        pass
 
 
 class AdapterCache:
@@ -82,10 +65,10 @@ class AdapterCache:
         host_rows: bool = False,
     ) -> None:
         """host_rows: host copies also get the transposed layout (for device slots with CPU row tables),
-        so a later slot write from the host tier is plain copies (memory: twice the host copy). A thread
-        of its own adds it after the first install, which does not wait for it; it pauses while loads
-        are in flight and runs at a low scheduling priority, so that it takes little CPU from a load or
-        a model step that could use it."""
+        so every slot write from the host tier, the first included, is plain copies (memory: twice the
+        host copy). The loader makes it right after the host copy, while those bytes are in cache: on
+        the loader thread it costs a rank-16 load ~2-4 ms, against ~5 ms more of the step thread's
+        install when the write transposed (measured on a 2-core EPYC, adapter_load.py)."""
         if num_slots < 1 or max_host_adapters < 1 or load_workers < 1:
             raise ValueError("num_slots, max_host_adapters and load_workers must be >= 1")
         if host_bytes_budget < 0 or failure_ttl < 0:
@@ -102,12 +85,6 @@ class AdapterCache:
         # theirs would slow every model step (cpu_threads.py).
         self._pool = ThreadPoolExecutor(
             max_workers=load_workers, thread_name_prefix="adapter-load", initializer=limit_this_thread
-        )
-        # The transposed copies (host_rows) only speed up a later install, so they never hold up a load:
-        # run in a pool of their own, a load never queues behind them (a rank-64 adapter's take tens of
-        # ms), and at a low priority they run on CPU time that nothing else wants.
-        self._rows_pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="adapter-rows", initializer=_low_priority_background_thread
         )
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a load or install finishes
@@ -216,8 +193,6 @@ class AdapterCache:
             self._digests[name] = adapter.digest
             self.counters.install_seconds.add(time.perf_counter() - t0)
             self._changed.notify_all()
-            if self._host_rows and adapter.weights.rows is None and not self._closed:
-                self._rows_pool.submit(self._add_rows, name, adapter)  # for its next install from host
         return True
 
     # ---- runtime control (server) -------------------------------------------------------------------
@@ -357,9 +332,8 @@ class AdapterCache:
         with self._lock:
             self._closed = True
             self._loading.clear()
-            self._changed.notify_all()  # a transposed copy waiting for loads gives up
+            self._changed.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._rows_pool.shutdown(wait=False, cancel_futures=True)
         self.host_memory.close()
 
     # ---- internals (lock held) ----------------------------------------------------------------------
@@ -439,7 +413,7 @@ class AdapterCache:
             path = self.sources.resolve(name)
             adapter = load_peft_adapter(
                 name, path, self.base, self.max_rank, self.dtype, pin_memory=self._pin_memory,
-                memory=self.host_memory,
+                memory=self.host_memory, with_rows=self._host_rows,
             )
         except AdapterError as exc:
             error = exc
@@ -471,32 +445,6 @@ class AdapterCache:
                 self._on_ready(name)
             except Exception:
                 log.exception("on_ready(%r) raised", name)
-
-    def _add_rows(self, name: str, adapter: LoraAdapter) -> None:
-        """Give a host-tier adapter its transposed layout (host_rows), unless it left the tier meanwhile.
-        Loads come first: before each module it waits while any load is in flight (a cold load's time is
-        mostly CPU, which the transposes would take half of on a small machine)."""
-
-        def go_on() -> bool:
-            with self._lock:
-                while self._loading and not self._closed and self._host.get(name) is adapter:
-                    self._changed.wait(0.1)  # not every change of _loading notifies: look again now and then
-                return not self._closed and self._host.get(name) is adapter
-
-        try:
-            rows = transposed_rows(adapter.weights, self._pin_memory, go_on, self.host_memory)
-        except Exception:  # e.g. out of memory: installs then transpose while copying
-            log.exception("transposed host copy of adapter %r failed", name)
-            return
-        with self._lock:
-            if rows is None or self._host.get(name) is not adapter:
-                return  # unloaded, evicted or replaced by a reload
-            before = adapter.num_bytes
-            adapter.weights.rows = rows  # one assignment: a concurrent slot write sees both or neither
-            evicted = self._host.grew(name, adapter.num_bytes - before, spare=lambda n: n in self._wanted)
-            for victim in evicted:
-                self._wanted.pop(victim, None)
-            self.counters.host_evictions += len(evicted)
 
     def _report_failure(self, name: str, message: str) -> None:
         if self._on_failure is None:

@@ -475,19 +475,15 @@ def _host_copy(
         layer, module = next(k for k, (a, b) in weights.items() if not (_all_finite(a) and _all_finite(b)))
         raise AdapterFormatError(name, f"layer {layer} {module}: non-finite values (NaN/Inf) in the weights")
     if with_rows:
-        weights.rows = transposed_rows(weights, pin_memory, memory=memory)  # not None: nothing to stop it
+        weights.rows = transposed_rows(weights, pin_memory, memory)
     return weights
 
 
 def transposed_rows(
-    weights: AdapterWeights,
-    pin_memory: bool = False,
-    go_on: Callable[[], bool] | None = None,
-    memory: HostMemory | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    weights: AdapterWeights, pin_memory: bool = False, memory: HostMemory | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The AdapterWeights.rows layout of `weights` (module -> contiguous (A^T, B^T) of all layers), views
-    of one buffer (see _host_buffer). `go_on` is asked before each module (it may wait); None when it
-    answered False."""
+    of one buffer (see _host_buffer)."""
     tensors = [t for ab in weights.stacked.values() for t in ab]
     if not tensors:
         return {}
@@ -495,8 +491,6 @@ def transposed_rows(
     buf = _host_buffer(sum(t.numel() for t in tensors), tensors[0].dtype, pin_memory, memory, zero=False)
     rows, offset = {}, 0
     for module, ab in weights.stacked.items():
-        if go_on is not None and not go_on():
-            return None
         pair = []
         for t in ab:  # [L, m, n] -> a contiguous [L, n, m] copy
             out = buf[offset : offset + t.numel()].view(t.shape[0], t.shape[2], t.shape[1])

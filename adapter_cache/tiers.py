@@ -48,12 +48,6 @@ class HostTier:
         self.num_bytes += adapter.num_bytes
         return self._evict(name, spare)
 
-    def grew(self, name: str, num_bytes: int, spare: Callable[[str], bool]) -> list[str]:
-        """Entry `name` now holds num_bytes more (already added to the adapter): count them, evict others
-        as put() does. Returns the evicted names."""
-        self.num_bytes += num_bytes
-        return self._evict(name, spare)
-
     def _evict(self, keep: str, spare: Callable[[str], bool]) -> list[str]:
         evicted = []
         while len(self._entries) > self.max_adapters or self.num_bytes > self.bytes_budget:

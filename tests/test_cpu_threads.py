@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _num_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _thread_ids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def _large_op() -> float:
@@ -33,11 +33,12 @@ def _large_op() -> float:
 
 
 def _team_growth(pool: ThreadPoolExecutor) -> tuple[int, int]:
-    """(the pool thread's torch thread count, threads the process gained from its large op)."""
+    """(the pool thread's torch thread count, threads its large op started). New thread ids, not a count:
+    threads of earlier tests' closed pools may exit meanwhile."""
     n = pool.submit(torch.get_num_threads).result()  # the pool thread exists from here on
-    before = _num_threads()
+    before = _thread_ids()
     pool.submit(_large_op).result()
-    return n, _num_threads() - before
+    return n, len(_thread_ids() - before)
 
 
 def test_a_plain_thread_gets_a_team_and_a_limited_one_does_not():
@@ -61,27 +62,5 @@ def test_adapter_loader_threads_start_no_openmp_team():
     try:
         n, grown = _team_growth(cache._pool)
         assert n == 1 and grown == 0
-    finally:
-        cache.close()
-
-
-def test_transposed_copy_thread_starts_no_openmp_team_and_yields_cpu():
-    """host_rows: the thread that adds transposed host copies has no OpenMP team either, and runs at a
-    lower scheduling priority (nice) than the threads that load adapters and step the model."""
-    import threading
-
-    cache = AdapterCache(
-        AdapterSources(named={}), BaseShapes("none", 1, {}), 8, torch.float32, 1, 1, 1 << 20,
-        lambda slot, weights, rank: None, lambda slot: None, host_rows=True,
-    )  # fmt: skip
-    try:
-        n, grown = _team_growth(cache._rows_pool)
-        assert n == 1 and grown == 0
-
-        def nice() -> int:
-            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-        assert cache._rows_pool.submit(nice).result() >= max(nice(), 10)
-        assert cache._pool.submit(nice).result() == nice()
     finally:
         cache.close()
