@@ -528,10 +528,12 @@ def write_lora_slot(
     if fits or not weights:
         stacked = weights.stacked if isinstance(weights, AdapterWeights) else {}
         rows = weights.rows if isinstance(weights, AdapterWeights) else None
+        rank = max(weights.ranks.values()) if isinstance(weights, AdapterWeights) and weights.ranks else 0
         for group, stack in model.lora_stacks.items():
             modules = [_MODULE_OF[(group, i)] for i in range(len(stack.slice_offsets) - 1)]
             given_rows = None if rows is None or stack.rows is None else [rows.get(m) for m in modules]
-            stack.write(slot, [stacked.get(m) for m in modules], given_rows)
+            # rank: readers of every module kind may read up to the adapter's rank (the step meta's)
+            stack.write(slot, [stacked.get(m) for m in modules], given_rows, rank)
     else:
         for layer_idx, layer in enumerate(model.decoder_layers()):
             for group, lin in zip(_GROUPS, layer.linears(), strict=True):

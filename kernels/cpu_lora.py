@@ -268,7 +268,9 @@ def lora_linear_cpu(
         return fused_packed(x, slots, key, meta)
     if plan == "fused-single":
         assert meta.is_single_full, "fused-single needs one slot covering the whole step"
-        return fused_single(x, slots.weight_ext, slots.bias_ext, slots.lora_b, slots.slice_offsets, meta.slot_ids_list[0])
+        slot = meta.slot_ids_list[0]
+        ranks = list(active.ranks[active.slots.index(slot)])
+        return fused_single(x, slots.weight_ext, slots.bias_ext, slots.lora_b, slots.slice_offsets, slot, ranks)
     y = base_linear(x, weight, bias, packed)  # [num_tokens, out_total]
     if plan == "rows":
         assert slots.rows is not None, "the rows strategy needs the row tables"
@@ -346,10 +348,13 @@ def fused_single(
     lora_b: torch.Tensor,  # [num_slots, out_total, r_max]
     slice_offsets: list[int],
     slot: int,  # the one slot every token uses
+    ranks: list[int],  # its slices' true ranks
 ) -> torch.Tensor:
     """y = x W^T + b + x A[slot, i]^T B[slot, slice i]^T per slice, for a step whose tokens all use `slot`.
     One matmul x @ weight_ext[:out_total + (slot + 1) * rows_per_slot]^T gives the base output and the
-    shrink h together (slots below `slot` ride along unused). Returns a [num_tokens, out_total] view."""
+    shrink h together (slots below `slot` ride along unused); the expand reads each slice's true rank
+    only (above it the slot may hold an earlier adapter's values: LoraSlotStack.write). Returns a
+    [num_tokens, out_total] view."""
     out_total, num_slices, r_max = slice_offsets[-1], len(slice_offsets) - 1, lora_b.shape[2]
     per_slot = num_slices * r_max
     n = out_total + (slot + 1) * per_slot
@@ -358,7 +363,9 @@ def fused_single(
     h = y_ext[:, n - per_slot :]  # [num_tokens, num_slices * r_max]
     bt = lora_b[slot].T  # [r_max, out_total]
     for j, (c0, c1) in enumerate(zip(slice_offsets, slice_offsets[1:], strict=False)):
-        y[:, c0:c1].addmm_(h[:, j * r_max : (j + 1) * r_max], bt[:, c0:c1])
+        r = ranks[j]
+        if r:
+            y[:, c0:c1].addmm_(h[:, j * r_max : j * r_max + r], bt[:r, c0:c1])
     return y
 
 

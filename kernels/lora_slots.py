@@ -191,13 +191,16 @@ class LoraSlotStack:
     write() puts one adapter into a slot of every layer at once: per slice one copy for A, one for B
     and one per row table, from host copies laid out [num_layers, ...].
 
-    Above a slice's rank, what the slot's previous adapter left is zeroed on one side of each pair the
-    kernels multiply: A (weight_ext) and the row tables' B. Their partners (lora_b, the row table of A)
-    may keep the previous adapter's values there: every product that reads them takes an exact zero
-    from the other side (finite values: loads reject inf / nan), so the output equals a fresh slot's
-    to the bit, and a host hit that replaces a higher-rank adapter zeroes half the bytes. A clear
-    (unload: no slice given) zeroes everything the slot ever held. Bookkeeping per slot: above
-    extent[slot] the zeroed side is zero, above dirty[slot] every buffer is."""
+    Every reader of a slot reads at most its adapter's rank R (the largest of its slices' ranks: the
+    step meta's rank for the slot; the CPU copies read each slice's own rank). So a write zeroes only
+    what R covers above a slice's own rank r_i, and only on one side of each pair the kernels multiply:
+    A (weight_ext) and the row tables' B, ranks [r_i, R). Their partners (lora_b, the row table of A)
+    may keep earlier adapters' values there, and every buffer may keep them at ranks >= R: no reader
+    reaches those, and where one reads a partner, the other side gives an exact zero (finite values:
+    loads reject inf / nan). The output equals a fresh slot's to the bit, and a host hit of a rank-16
+    adapter (every slice at 16) over a rank-64 one zeroes nothing. A clear (unload: no slice given)
+    zeroes everything the slot ever held. Per slot: above extent[slot], A and the row tables' B are
+    zero; above dirty[slot] every buffer is."""
 
     def __init__(
         self,
@@ -264,13 +267,15 @@ class LoraSlotStack:
         slot: int,
         per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
         rows_per_slice: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        rank: int | None = None,
     ) -> None:
         """Put one adapter into slot `slot` of every layer: per output slice i, (A [num_layers, r_i, in],
         B [num_layers, width_i, r_i] scaled) or None (not targeted in any layer). Layers an adapter does
-        not target must hold zeros there; ranks r_i..r_max and untargeted slices end up zero in A and in
-        the row tables' B, so nothing of the slot's previous adapter reaches an output (its B values
-        above the ranks may stay in lora_b and the A row table; no slice given: all zeroed, see the
-        class docstring). The row tables follow, from rows_per_slice when given
+        not target must hold zeros there; ranks r_i..R and untargeted slices end up zero in A and in the
+        row tables' B, so nothing of the slot's previous adapter reaches an output (its values may stay
+        above R, and in lora_b and the A row table above r_i; no slice given: all zeroed, see the class
+        docstring). R = `rank`, the adapter's rank over all its modules (what the step meta gives
+        readers), at least the largest r_i (default). The row tables follow, from rows_per_slice when given
         (the same values transposed, contiguous: (A^T [num_layers, in, r_i], B^T [num_layers, r_i,
         width_i]); plain copies instead of transposing ones). Same values as LoraSlots.write of each
         layer's slices (exactly: copies)."""
@@ -289,11 +294,13 @@ class LoraSlotStack:
                 given += [t_ab[0], t_ab[1]]
             if [tuple(t.shape) for t in given] != shapes:  # copy_ would broadcast a misfit silently
                 raise ValueError(f"slice of width {c1 - c0}: {[tuple(t.shape) for t in given]} do not fit {shapes}")
-        if max(ranks) > self.r_max:
-            raise ValueError(f"rank {max(ranks)} is above the slots' r_max {self.r_max}")
-        clear = max(ranks) == 0
-        old = self.dirty[slot] if clear else self.extent[slot]  # zero [r, old) (clear: of every buffer)
-        self.touched(slot, max(ranks))  # kept if a copy below fails: the next write zeroes it all
+        top = max(ranks) if rank is None else rank
+        if top > self.r_max or top < max(ranks):
+            raise ValueError(f"rank {top} (slices {ranks}) is above the slots' r_max {self.r_max} or below a slice's")
+        clear = top == 0
+        # zero [r_i, old): of every buffer for a clear, else of A and the row tables' B up to the rank R
+        old = self.dirty[slot] if clear else min(self.extent[slot], top)
+        self.touched(slot, top)  # kept if a copy below fails: the next write zeroes it all
         r_max, in_f = self.r_max, self.in_features
         own_a, own_rows_a, own_rows_b = self._own(slot)
         a_slot = own_a.view(self.num_layers, num_slices, r_max, in_f)
@@ -319,9 +326,8 @@ class LoraSlotStack:
                     b_slot[:, c0:c1, r:old].zero_()
                     if rows_a is not None and self.rows is not None:
                         rows_a[:, :, i, r:old].zero_()
-        self.extent[slot] = max(ranks)
         if clear:
-            self.dirty[slot] = 0
+            self.extent[slot] = self.dirty[slot] = 0
         for view in self.views:  # every layer now holds this adapter's slices at these ranks (as LoraSlots.write)
             view.slice_ranks[slot] = list(ranks)
             view.versions[slot] += 1

@@ -3,6 +3,8 @@ of kernels/reference.py, in float64."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -396,19 +398,71 @@ def test_stacked_slots_written_for_all_layers_keep_the_stacked_copy_in_step():
         for i, view in enumerate(views):
             assert view.slice_ranks[1] == ranks and view.slice_ranks[2] == [2, 3]
             assert view.versions[1] == before[i] + 1
-            meta = build_lora_meta(token_slot, [r_max] * num_slots)
+            slot_ranks = [max(view.slice_ranks[s]) for s in range(num_slots)]  # the adapters' ranks, as the engine's
+            meta = build_lora_meta(token_slot, slot_ranks)
             want = x @ ws[i].T + lora_delta_loop(x, truth_a[i], truth_b[i], offsets, token_slot).delta
             for plan in ("stacked", "grouped", "split", "rows"):  # "stacked" / "split" cached slot 1's last adapter
                 got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, p=plan, r=ranks: f"{p} {r}: {m}")
             # fused-single multiplies slot 1's whole r_max-wide B (earlier adapters' values above the
             # ranks after a stacked rewrite) by h from weight_ext, zero there
-            only1 = build_lora_meta([1] * len(token_slot), [r_max] * num_slots)
+            only1 = build_lora_meta([1] * len(token_slot), slot_ranks)
             want1 = x @ ws[i].T + lora_delta_loop(x, truth_a[i], truth_b[i], offsets, [1] * len(token_slot)).delta
             got1 = lora_linear_cpu(x, view.weight, None, None, view, only1, plan="fused-single", figures=EXAMPLE_FIGURES)
             torch.testing.assert_close(got1, want1, rtol=1e-10, atol=1e-10, msg=lambda m, r=ranks: f"fused-single {r}: {m}")
         if not per_layer and ranks != [4, 3]:  # a lower-rank stacked rewrite kept older values above the ranks
             assert stack.lora_b[:, :, 1, max(ranks) :].any()
+
+
+def test_a_lower_rank_rewrite_leaves_nothing_any_reader_reaches():
+    """LoraSlotStack.write zeroes only A and the B row table, only below the adapter's rank R (the step
+    meta's rank for the slot) and above each slice's own rank, and leaves earlier adapters' large values
+    everywhere else. Every CPU plan (per-slice ranks, or the meta's R for rows) and the Triton shrink /
+    expand (the meta's R; the interpreter on CPU) still give exactly the new adapter's delta: after a
+    rank-8 adapter, one whose slices have ranks (2, 0, 3) inside an adapter of rank 6 (its other modules),
+    then a uniform rank-4 one, which zeroes nothing."""
+    from loraplex.kernels.lora_slots import LoraSlotStack
+
+    g = torch.Generator().manual_seed(9)
+    layers, in_f, offsets, num_slots, r_max = 2, 12, [0, 10, 14, 18], 3, 8
+    stack = LoraSlotStack(layers, in_f, offsets, num_slots, r_max, torch.float64, torch.device("cpu"), with_row_tables=True)
+    ws = [torch.randn(18, in_f, generator=g, dtype=torch.float64) for _ in range(layers)]
+    views = [LoraSlots(w, None, offsets, num_slots, r_max, with_row_tables=True, stack=stack, layer=i) for i, w in enumerate(ws)]
+    widths = [c1 - c0 for c0, c1 in zip(offsets, offsets[1:], strict=False)]
+    stack.write(2, [(torch.randn(layers, 3, in_f, generator=g, dtype=torch.float64), torch.randn(layers, w, 3, generator=g, dtype=torch.float64)) for w in widths])
+    x = torch.randn(5, in_f, generator=g, dtype=torch.float64)
+    token_slot = [1, 2, 1, -1, 1]
+    for ranks, rank, scale in (([8, 8, 8], 8, 1e3), ([2, 0, 3], 6, 1.0), ([4, 4, 4], 4, 1.0)):
+        new = [
+            None if r == 0 else (scale * torch.randn(layers, r, in_f, generator=g, dtype=torch.float64),
+                                 scale * torch.randn(layers, w, r, generator=g, dtype=torch.float64))
+            for r, w in zip(ranks, widths, strict=True)
+        ]  # fmt: skip
+        stack.write(1, new, rank=rank)
+        meta = build_lora_meta(token_slot, [0, rank, 3])
+        for i, view in enumerate(views):
+            a = view.lora_a.clone()  # the loop's slots: what each adapter holds, zero elsewhere
+            b = view.lora_b.clone()
+            a[1], b[1] = 0, 0
+            for j, ab in enumerate(new):
+                if ab is not None:
+                    a[1, j, : ranks[j]], b[1, offsets[j] : offsets[j + 1], : ranks[j]] = ab[0][i], ab[1][i]
+            want = x @ ws[i].T + lora_delta_loop(x, a, b, offsets, token_slot).delta
+            for plan in ("stacked", "grouped", "split", "rows"):
+                got = lora_linear_cpu(x, view.weight, None, None, view, meta, plan=plan, figures=EXAMPLE_FIGURES)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, p=plan, r=ranks: f"{p} {r}: {m}")
+            only1 = build_lora_meta([1] * len(token_slot), [0, rank, 3])
+            want1 = x @ ws[i].T + lora_delta_loop(x, a, b, offsets, [1] * len(token_slot)).delta
+            got1 = lora_linear_cpu(x, view.weight, None, None, view, only1, plan="fused-single", figures=EXAMPLE_FIGURES)
+            torch.testing.assert_close(got1, want1, rtol=1e-10, atol=1e-10)
+            if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():  # interpreter (conftest.py)
+                from loraplex.kernels import lora_apply
+
+                y = torch.zeros(len(token_slot), 18, dtype=torch.float32)
+                lora_apply(y, x.float(), view.lora_a.float(), view.lora_b.float(), offsets, meta, backend="triton")
+                torch.testing.assert_close(y.double(), want - x @ ws[i].T, rtol=1e-4, atol=1e-3)
+        if rank < 8:  # earlier values stayed where no reader looks
+            assert stack.lora_b[:, :, 1, rank:].abs().max() > 10 and stack.weight_ext[:, 18 + 24 : 18 + 48].abs().max() > 10
 
 
 def _bf16_slots_case(seed: int = 4):
@@ -609,7 +663,10 @@ def test_stacked_write_retires_every_layers_fused_packed_copy():
     truth_a = [torch.zeros(num_slots, 3, r_max, in_f, dtype=torch.float64) for _ in range(layers)]
     truth_b = [torch.zeros(num_slots, sum(slices), r_max, dtype=torch.float64) for _ in range(layers)]
 
+    slot_ranks = [0] * num_slots  # the adapters' ranks, for the step meta (as the engine's)
+
     def write(slot, r):
+        slot_ranks[slot] = r
         per_slice = []
         for j, width in enumerate(slices):
             a = torch.randn(layers, r, in_f, generator=g).to(torch.bfloat16)
@@ -628,7 +685,7 @@ def test_stacked_write_retires_every_layers_fused_packed_copy():
     x = torch.randn(9, in_f, generator=g).to(torch.bfloat16)
 
     def step():
-        meta = build_lora_meta(token_slot, [8] * num_slots)
+        meta = build_lora_meta(token_slot, slot_ranks)
         for i, view in enumerate(views):
             y = lora_linear_cpu(x, ws[i], None, packed[i], view, meta)
             base = x.double() @ ws[i].double().T

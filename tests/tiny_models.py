@@ -111,21 +111,28 @@ def reference_greedy(
 
 
 def live_slot_state(model) -> list[torch.Tensor]:
-    """Every slot buffer of every LoRA linear (A and W via weight_ext, B, the row tables), with lora_b and
-    the A row table cut to each slot's slice ranks: above them a rewrite may leave the previous
-    adapter's values (LoraSlotStack.write), where every product takes a zero from A (weight_ext) or
-    from the B row table, both kept whole here."""
+    """Every slot buffer of every LoRA linear (A and W via weight_ext, B, the row tables), cut to what a
+    reader may read: a slot's ranks below its adapter's rank R (the largest of its slice ranks), and for
+    lora_b and the A row table below each slice's own rank. Elsewhere a rewrite may leave an earlier
+    adapter's values (LoraSlotStack.write); below R, A and the B row table must be zero above a slice's
+    rank, since lora_b and the A row table next to them need not be."""
     out = []
     for lin in model.lora_linears():
         slots = lin.slots
         assert slots is not None and lin.lora_at is not None and lin.lora_bt is not None
         num_slots, num_slices, r_max, in_f = slots.lora_a.shape
+        a = slots.lora_a.clone()  # [num_slots, num_slices, r_max, in]
         b = slots.lora_b.clone()  # [num_slots, out_total, r_max]
         at = lin.lora_at.clone().view(num_slots, in_f, num_slices, r_max)
+        bt = [t.clone().view(num_slots, r_max, -1) for t in lin.lora_bt]
         for s in range(num_slots):
+            top = max(slots.slice_ranks[s])
+            a[s, :, top:] = 0
+            for t in bt:
+                t[s, top:] = 0
             for i, r in enumerate(slots.slice_ranks[s]):
                 c0, c1 = slots.slice_offsets[i], slots.slice_offsets[i + 1]
                 b[s, c0:c1, r:] = 0
                 at[s, :, i, r:] = 0
-        out += [slots.weight_ext, b, at, *lin.lora_bt]
+        out += [slots.weight_ext[: slots.out_total], a, b, at, *bt]
     return out
