@@ -11,8 +11,8 @@ casting and copying together.
 HostMemory hands out populated buffers and keeps those the host tier lets go:
 - A block is an anonymous memory map made with MAP_POPULATE (the kernel faults it in within the one
   call). take() views it through a memoryview; when the last tensor viewing it is freed (whoever held
-  it: the host tier, an install, the transposing thread) a weakref finalizer puts the block back on
-  the free list instead of unmapping it. A block is never handed out while a tensor views it.
+  it: the host tier, an install) a weakref finalizer puts the block back on the free list instead of
+  unmapping it. A block is never handed out while a tensor views it.
 - take() reuses a free block of at least the size asked and at most MAX_WASTE more (best fit: host
   copies of one adapter shape have one size, so most reuse is exact; the host tier counts the size
   asked, and the bound keeps what the blocks really hold close to it), zeroed when asked; else it

@@ -335,8 +335,8 @@ def _host_buffer(
     Every load adds such copies to the host tier, so without `memory` this is memory the process never
     touched, paid for with a page fault per 4 KiB page (several ms per 10 MB, ten times that in some
     VMs): a large buffer then comes from HostMemory, which recycles the blocks of host copies that were
-    freed (see host_memory.py), or without it from a memory map of its
-    own made with MAP_POPULATE (one call instead of a fault per page). Pinned memory (CUDA) comes from
+    freed (see host_memory.py), or without it from a memory map of its own made with MAP_POPULATE (one
+    call instead of a fault per page). Pinned memory (CUDA) comes from
     torch, whose pinned allocator caches blocks itself."""
     nbytes = numel * dtype.itemsize
     if pin_memory or nbytes < HOST_MMAP_MIN_BYTES or not POOLED:

@@ -24,7 +24,7 @@ cheapest per step and shape:
                   linear's adapters are of lower rank than the slots, A is read from a compact copy of
                   the active slots' A rows at their largest true rank (cached per active set, as the
                   stacked copy; made when the bytes it saves pay for it): the slots' table holds r_max
-                  columns per slice, mostly zeros then
+                  columns per slice, mostly unread padding then
 
 The stacked copy (StackedAB), shared by grouped and stacked: the step's active adapters' A rows and B
 columns at their TRUE rank, for only the slices each adapter targets, side by side (slot after slot), and
@@ -551,7 +551,8 @@ def compact_rows(
     rows_a: torch.Tensor, slots: tuple[int, ...], in_f: int, num_slices: int, r_max: int, width: int
 ) -> CompactRows:
     """One gathering copy of `slots`' rows of the A row table (rows_a: [num_slots * in, num_slices * r_max])
-    keeping the first `width` columns of each slice (above the slots' true ranks they hold zeros)."""
+    keeping the first `width` columns of each slice (above a slice's true rank, its columns may hold an
+    earlier adapter's values: the B row table is zero there, up to the adapter's rank)."""
     table = rows_a.view(-1, in_f, num_slices, r_max)[:, :, :, :width]
     picked = table.index_select(0, torch.tensor(slots, device=rows_a.device))  # [len(slots), in, slices, width]
     return CompactRows(picked.view(len(slots) * in_f, num_slices * width), slots, width)
@@ -571,8 +572,8 @@ class _RowIndex:
       h_idx = [[0, 1, 8], [2, 3, 10]]   per slice j: where each b_idx weight sits in h.view(-1) (h [3, 2 * 2])
       lora_rows = None             token indices with A bags, or None when every token has them
     With a compact table of blocks (slot 0, slot 2) and width 2 the blocks become 1 and 0: a_idx = [3, 4,
-    5, 0, 1, 2]; the rest is the same (width = r_max here). A rank above the width is cut to it: A holds
-    zeros there.
+    5, 0, 1, 2]; the rest is the same (width = r_max here). A slot rank above the width is cut to it: no
+    slice of this linear has a higher rank.
     """
 
     def __init__(

@@ -51,13 +51,14 @@ class LinearShape(NamedTuple):
 
     out_total: int  # sum of the output slices' widths
     num_slices: int  # fused projections (q | k | v: 3)
-    r_max: int  # slot rank (adapters of lower rank are zero-padded)
+    r_max: int  # slot rank (adapters of lower rank are padded; read only up to their rank)
     in_features: int
     elem: int  # bytes per element of x and the weights
 
 
 def true_rank(rank: int, r_max: int) -> int:
-    """The rank to compute with: the slot's true rank when known, else r_max (padding is zero)."""
+    """The rank to compute with: the slot's true rank when known, else r_max (exact only where the padding
+    is zero: slots written per layer, not LoraSlotStack slots; the engine always knows the rank)."""
     return rank if 0 < rank <= r_max else r_max
 
 

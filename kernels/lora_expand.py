@@ -105,7 +105,7 @@ def _lora_expand_kernel(
         h_ptrs = h_ptr + tok[:, None] * stride_ht + slice_idx * stride_hi + offs_r[None, :] * stride_hr
         b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # Only up to the slot's true rank: the zero padding above it would cost bytes and add nothing.
+        # Only up to the slot's true rank: the padding above it is never read (stale there, see lora_slots.py).
         for r in range(0, tl.cdiv(rank, BLOCK_R)):
             r_left = rank - r * BLOCK_R
             h_mask = mask_m[:, None] & (offs_r[None, :] < r_left)

@@ -11,8 +11,8 @@ Math, as a loop (token_slot[t] = -1 tokens are skipped; rank = the slot's true r
                 h[k, t, i, :rank] = x[t, lo:hi].float() @ lora_a[s, i, :rank, lo:hi].float().T   # fp32
 
 h holds one partial sum per split; lora_expand adds them up in split order (no atomics), so
-h[t] = sum over k of h[k, t] as x[t] @ A.T. Columns rank..r_max of h are not written: the slot's A is
-zero there, and expand reads only up to the same rank.
+h[t] = sum over k of h[k, t] as x[t] @ A.T. Columns rank..r_max of h are not written, and expand reads
+only up to the same rank (above it a slot may hold an earlier adapter's values: LoraSlotStack.write).
 
 Work split: tokens come grouped by slot (meta.sorted_idx, one segment per active slot), so one program
 handles BLOCK_M tokens of one segment against one (slice, rank block, K split) of that segment's A; the A
@@ -91,7 +91,7 @@ def _lora_shrink_kernel(
     rank = tl.where((rank > 0) & (rank < r_max), rank, r_max)
     m_start = seg_start + pid_m * BLOCK_M
     # The grid covers the longest segment and r_max: programs past their segment's end or past the
-    # slot's true rank do nothing (the rank padding is zero: it would read bytes to add nothing).
+    # slot's true rank do nothing (the padding above it is never read: stale there, see lora_slots.py).
     if (m_start < seg_end) & (r_block * BLOCK_R < rank):
         slot = tl.load(slot_ids_ptr + pid_seg)  # int64: offsets below are computed in 64 bits
         offs_m = m_start + tl.arange(0, BLOCK_M)

@@ -10,7 +10,11 @@ Layouts (num_slices output slices at column offsets off[0..num_slices], slots of
     rows:       CPU only, optional: the same weights as row tables (RowTables), read in place by the
                 CPU rows strategy; memory: one more copy of the slots
 figures (not a layout): the CPU cost model's per-machine CostFigures, or None (no cost model: "grouped").
-Ranks below r_max are zero-padded: padding contributes nothing to any sum. `slice_ranks[s][i]` is the
+Readers read a slot up to its adapter's rank R at most (the step meta's rank for the slot; some read each
+slice's own rank): above R a slot may hold an earlier adapter's values (LoraSlotStack.write; a slot
+written per layer by LoraSlots.write holds zeros there). Below R, above a slice's own rank, one side of
+each product (A, and the B row table) is zero, so that padding contributes nothing to any sum. Reading
+with the rank unknown (r_max) is exact only for slots written per layer. `slice_ranks[s][i]` is the
 true rank slot s holds for slice i (0: its adapter does not target that slice), and `versions[s]` counts
 writes to slot s, so a derived copy of a slot (the CPU stacked strategy's, kernels/cpu_lora.py) knows
 when it is stale.
