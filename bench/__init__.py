@@ -24,6 +24,7 @@ from .workload import (
     arrival_gaps,
     build_workload,
     check_target,
+    iter_workload,
     popularity_weights,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "arrival_gaps",
     "build_workload",
     "check_target",
+    "iter_workload",
     "percentile",
     "plot_sweep",
     "popularity_weights",

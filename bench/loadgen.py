@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .stats import RequestResult, summarize
-from .workload import BenchConfig, LengthSpec, RequestSpec, build_workload
+from .workload import BenchConfig, LengthSpec, RequestSpec, build_workload, iter_workload
 
 
 @dataclass
@@ -175,7 +175,7 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = False, label: str = "
             warm = build_workload(cfg, models, cfg.warmup, seed=cfg.seed + 10**6)
             warm = [replace(s, max_tokens=min(s.max_tokens, 8)) for s in warm]  # short: they only warm up
             await asyncio.gather(*(send_request(client, cfg, s) for s in warm))
-        specs = build_workload(cfg, models)
+        specs = iter_workload(cfg, models)  # made as they are sent: duration-bounded points take only those
         bar = _Progress(cfg, label or cfg.load_label, progress)
         results: list[RequestResult] = []
 
@@ -188,7 +188,7 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = False, label: str = "
             t0 = time.perf_counter()
             deadline = t0 + cfg.duration
             if cfg.rate is None:  # closed loop: every client takes the next spec when its last one ends
-                pending = iter(specs)
+                pending = specs
 
                 async def client_loop() -> None:
                     for spec in pending:

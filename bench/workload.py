@@ -10,9 +10,11 @@ ends; every send time is then 0). Prompts are random common words, or rows of a 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -135,12 +137,17 @@ def popularity_weights(num: int, popularity: str, alpha: float) -> list[float]:
 
 def arrival_gaps(cfg: BenchConfig, rng: random.Random, count: int) -> list[float]:
     """Gaps between sends: Gamma(shape 1/cv^2) with mean 1/rate (exponential when Poisson or cv = 1)."""
+    return [_arrival_gap(cfg, rng) for _ in range(count)]
+
+
+def _arrival_gap(cfg: BenchConfig, rng: random.Random) -> float:
+    """One gap of arrival_gaps (0 in closed loop or at an infinite rate)."""
     if cfg.rate is None or math.isinf(cfg.rate):
-        return [0.0] * count
+        return 0.0
     if cfg.arrival == "poisson" or cfg.cv == 1.0:
-        return [rng.expovariate(cfg.rate) for _ in range(count)]
+        return rng.expovariate(cfg.rate)
     shape = 1.0 / cfg.cv**2
-    return [rng.gammavariate(shape, 1.0 / (cfg.rate * shape)) for _ in range(count)]
+    return rng.gammavariate(shape, 1.0 / (cfg.rate * shape))
 
 
 def _read_dataset(path: str) -> list[dict]:
@@ -156,26 +163,40 @@ def _read_dataset(path: str) -> list[dict]:
     return rows
 
 
+def iter_workload(
+    cfg: BenchConfig, models: list[str], count: int | None = None, seed: int | None = None
+) -> Iterator[RequestSpec]:
+    """`count` (default num_requests) requests, seeded (same config, same workload), made one at a time
+    as they are taken: a point bounded by its duration takes only what it sends, so a huge num_requests
+    costs nothing (a million specs took about a minute of CPU to build up front). The dataset is read
+    and checked now, before any request is made."""
+    count = cfg.num_requests if count is None else count
+    cum_weights = list(itertools.accumulate(popularity_weights(len(models), cfg.popularity, cfg.zipf_alpha)))
+    rows = _read_dataset(cfg.dataset) if cfg.dataset else None
+    if rows is not None and cfg.endpoint == "completions":
+        if any(not isinstance(row["messages"] if "messages" in row else row["prompt"], str) for row in rows):
+            raise ValueError("the completions endpoint needs 'prompt' text in the dataset")
+    rng = random.Random(cfg.seed if seed is None else seed)
+
+    def specs() -> Iterator[RequestSpec]:
+        t = 0.0
+        for i in range(count):
+            model = rng.choices(models, cum_weights=cum_weights)[0]
+            max_tokens = cfg.output_len.sample(rng)
+            if rows is not None:
+                row = rows[rng.randrange(len(rows))]
+                prompt = row["messages"] if "messages" in row else row["prompt"]
+                max_tokens = int(row.get("max_tokens", row.get("output_len", max_tokens)))
+            else:
+                prompt = " ".join(rng.choice(_WORDS) for _ in range(cfg.prompt_len.sample(rng)))
+            yield RequestSpec(i, model, prompt, max_tokens, t)
+            t += _arrival_gap(cfg, rng)
+
+    return specs()
+
+
 def build_workload(
     cfg: BenchConfig, models: list[str], count: int | None = None, seed: int | None = None
 ) -> list[RequestSpec]:
-    """`count` (default num_requests) requests, seeded: same config, same workload."""
-    rng = random.Random(cfg.seed if seed is None else seed)
-    count = cfg.num_requests if count is None else count
-    weights = popularity_weights(len(models), cfg.popularity, cfg.zipf_alpha)
-    chosen = rng.choices(models, weights=weights, k=count)
-    rows = _read_dataset(cfg.dataset) if cfg.dataset else None
-    specs, t = [], 0.0
-    for i, gap in enumerate(arrival_gaps(cfg, rng, count)):
-        max_tokens = cfg.output_len.sample(rng)
-        if rows is not None:
-            row = rows[rng.randrange(len(rows))]
-            prompt = row["messages"] if "messages" in row else row["prompt"]
-            if cfg.endpoint == "completions" and not isinstance(prompt, str):
-                raise ValueError("the completions endpoint needs 'prompt' text in the dataset")
-            max_tokens = int(row.get("max_tokens", row.get("output_len", max_tokens)))
-        else:
-            prompt = " ".join(rng.choice(_WORDS) for _ in range(cfg.prompt_len.sample(rng)))
-        specs.append(RequestSpec(i, chosen[i], prompt, max_tokens, t))
-        t += gap
-    return specs
+    """The whole of iter_workload as a list."""
+    return list(iter_workload(cfg, models, count, seed))

@@ -5,6 +5,7 @@ real `loraplex serve`."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,7 @@ from loraplex.bench import (
     arrival_gaps,
     build_workload,
     check_target,
+    iter_workload,
     percentile,
     popularity_weights,
     run_benchmark,
@@ -151,6 +154,22 @@ def test_workload_lengths_and_dataset(tmp_path):
         LengthSpec.parse("9:5")
 
 
+def test_workload_is_made_as_it_is_taken(tmp_path):
+    cfg = BenchConfig(popularity="zipf", rate=3.0, num_requests=10**6, prompt_len=LengthSpec.parse("2:6"))
+    models = ["a", "b", "c"]
+    first = list(itertools.islice(iter_workload(cfg, models), 50))  # (made lazily: see the closed-loop test)
+    again = build_workload(replace(cfg, num_requests=50), models)
+    assert first == again  # seeded: the same requests whatever the bound
+    assert [s.index for s in first] == list(range(50)) and len({s.model for s in first}) == 3
+    # open loop: a gap drawn per request
+    assert all(b.send_at > a.send_at for a, b in itertools.pairwise(first))
+    # the dataset is read and checked when the workload is made, before any request is taken
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "yo"}]}\n')
+    with pytest.raises(ValueError, match="completions endpoint"):
+        iter_workload(BenchConfig(dataset=str(data), endpoint="completions"), ["a"])
+
+
 @pytest.mark.parametrize(
     "url,ok",
     [
@@ -243,7 +262,11 @@ def test_open_loop_is_bounded_by_duration(fake_url):
 def test_closed_loop_respects_both_bounds(fake_url):
     common = dict(url=fake_url, models=("ok0",), output_len=LengthSpec(2, 2), prompt_len=LengthSpec(2, 2))
     assert run(BenchConfig(concurrency=3, num_requests=7, **common)).summary["num_requests"] == 7
-    result = run(BenchConfig(concurrency=2, num_requests=10000, duration=0.4, **common))
+    # a duration-bounded point with a huge request bound (as benchmarks/server_adapters.py runs them) makes
+    # only the requests it sends: the whole call, workload included, ends within its bounds
+    t0 = time.perf_counter()
+    result = run(BenchConfig(concurrency=2, num_requests=2_000_000, duration=0.4, **common))
+    assert time.perf_counter() - t0 < 0.4 + 1.0
     assert 2 <= result.summary["num_requests"] < 60
     assert result.summary["duration_s"] < 0.4 + 0.6
 
