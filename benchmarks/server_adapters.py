@@ -200,7 +200,9 @@ def run_point(server: Server, args, case: str, base_name: str, label: str) -> di
     session = os.getsid(server.proc.pid)
     wait_for_quiet(session, args.quiet_wait)
     meter = OtherLoad(session)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     result = asyncio.run(run_benchmark(cfg, progress=not args.no_progress, label=label))
+    client_cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)  # this load generator's own CPU
     s = result.summary
     return {
         "case": case,
@@ -213,6 +215,7 @@ def run_point(server: Server, args, case: str, base_name: str, label: str) -> di
         "tpot_p50": s["tpot"]["p50"],
         "ttft_p50": s["ttft"]["p50"],
         "other_load_cores": meter.cores(),
+        "client_cores": client_cores,
         "summary": s,
     }
 
@@ -318,7 +321,7 @@ def main() -> None:
                 base = next((p for p in points if p["case"] == "base" and p["round"] == rnd), None)
                 kept = f"  kept {point['tok_s'] / base['tok_s']:.3f}" if base and base["tok_s"] and case != "base" else ""
                 print(f"{label}: {point['tok_s']:.1f} tok/s ({point['num_ok']} ok, {point['num_errors']} errors, "
-                      f"other load {point['other_load_cores']:.2f} cores){kept}", flush=True)  # fmt: skip
+                      f"other load {point['other_load_cores']:.2f} cores, client {point['client_cores']:.2f}){kept}", flush=True)  # fmt: skip
     finally:
         server.stop()
     rows = summarize_cases(points, cases, args.rounds)
