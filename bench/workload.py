@@ -163,6 +163,11 @@ def _read_dataset(path: str) -> list[dict]:
     return rows
 
 
+def _row_prompt(row: dict) -> str | list[dict]:
+    """A dataset row's prompt: its chat messages, else its prompt text (_read_dataset checked one is there)."""
+    return row["messages"] if "messages" in row else row["prompt"]
+
+
 def iter_workload(
     cfg: BenchConfig, models: list[str], count: int | None = None, seed: int | None = None
 ) -> Iterator[RequestSpec]:
@@ -174,7 +179,7 @@ def iter_workload(
     cum_weights = list(itertools.accumulate(popularity_weights(len(models), cfg.popularity, cfg.zipf_alpha)))
     rows = _read_dataset(cfg.dataset) if cfg.dataset else None
     if rows is not None and cfg.endpoint == "completions":
-        if any(not isinstance(row["messages"] if "messages" in row else row["prompt"], str) for row in rows):
+        if any(not isinstance(_row_prompt(row), str) for row in rows):
             raise ValueError("the completions endpoint needs 'prompt' text in the dataset")
     rng = random.Random(cfg.seed if seed is None else seed)
 
@@ -185,7 +190,7 @@ def iter_workload(
             max_tokens = cfg.output_len.sample(rng)
             if rows is not None:
                 row = rows[rng.randrange(len(rows))]
-                prompt = row["messages"] if "messages" in row else row["prompt"]
+                prompt = _row_prompt(row)
                 max_tokens = int(row.get("max_tokens", row.get("output_len", max_tokens)))
             else:
                 prompt = " ".join(rng.choice(_WORDS) for _ in range(cfg.prompt_len.sample(rng)))
